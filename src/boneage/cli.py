@@ -1,0 +1,156 @@
+"""``boneage`` command line: a thin layer over the library functions, with the same parameter names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from boneage import __version__
+from boneage.config import Config, ConfigError, flat_fields, set_field
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (``--image-size``, ``--lr`` ...); a flag overrides the --config file."""
+    for name, (section, fld) in flat_fields().items():
+        flag = "--" + name.replace("_", "-")
+        is_bool = fld.type in (bool, "bool")
+        default = getattr(getattr(Config(), section), name)
+        kwargs: dict[str, typing.Any] = {
+            "dest": f"cfg__{name}",
+            "default": argparse.SUPPRESS,
+            "metavar": name.upper(),
+            "help": f"{section}.{name} (default: {default})",
+        }
+        if is_bool:
+            kwargs.update(nargs="?", const="true")
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument(
+        "--pretrained-weights",
+        dest="cfg__pretrained",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="ImageNet weights file for the backbone (same as --pretrained FILE)",
+    )
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    config = Config.load(args.config) if getattr(args, "config", None) else Config()
+    sections = config.sections()
+    fields_by_name = flat_fields(config)
+    for key, value in vars(args).items():
+        if key.startswith("cfg__"):
+            name = key.removeprefix("cfg__")
+            section_name, _ = fields_by_name[name]
+            set_field(sections[section_name], name, value, f"--{name.replace('_', '-')}")
+    config.validate()
+    return config
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from boneage.train import run_training
+
+    config = build_config(args)
+    run_dir = run_training(config, resume=args.resume)
+    print(f"run folder: {run_dir}\nmodel folder: {run_dir / 'model'}")
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from boneage.data import make_split, read_labels
+
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    if len(fractions) != 3:
+        raise ConfigError(f"--fractions: expected three numbers train,val,test, got {args.fractions!r}")
+    labels = read_labels(args.labels, args.images, drop_invalid=args.drop_invalid)
+    split = make_split(labels, fractions=fractions, seed=args.seed)  # type: ignore[arg-type]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    split.to_csv(args.output, index=False)
+    counts = split["split"].value_counts().to_dict()
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("train", "val", "test")))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from boneage.data import read_image, read_labels
+
+    labels = read_labels(args.labels, args.images)
+    bad = 0
+    if args.decode:
+        from boneage.data import ImageReadError
+
+        for path in labels["path"]:
+            try:
+                read_image(path)
+            except ImageReadError as err:
+                bad += 1
+                print(f"unreadable: {err}", file=sys.stderr)
+    print(
+        f"{args.labels}: {len(labels)} valid rows, {int(labels['male'].sum())} male, "
+        f"ages {labels['boneage'].min():g}-{labels['boneage'].max():g} months"
+        + (f"; {bad} unreadable image(s)" if args.decode else "")
+    )
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
+    parser.add_argument("--version", action="version", version=f"boneage {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (seed recipe by default)")
+    train.add_argument("--config", help="YAML config; flags override it")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
+    _add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    split = commands.add_parser("split", help="make a stratified (stage x sex) train/val/test split CSV")
+    split.add_argument("--labels", required=True)
+    split.add_argument("--images", help="check that every image exists")
+    split.add_argument("--output", required=True)
+    split.add_argument("--fractions", default="0.7,0.15,0.15")
+    split.add_argument("--seed", type=int, default=42)
+    split.add_argument("--drop-invalid", action="store_true")
+    split.set_defaults(func=_cmd_split)
+
+    validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
+    validate.add_argument("--labels", required=True)
+    validate.add_argument("--images", required=True)
+    validate.add_argument("--decode", action="store_true", help="also decode every image")
+    validate.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("boneage")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from boneage.data import DataValidationError, ImageReadError
+    from boneage.model import ModelFolderError, PretrainedWeightsError
+
+    try:
+        return args.func(args)
+    except (
+        ConfigError,
+        DataValidationError,
+        ImageReadError,
+        ModelFolderError,
+        PretrainedWeightsError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:
+        print(f"boneage {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Typed configuration. YAML is only how it is stored; defaults are the seed report's recipe.
+
+A :class:`Config` has four sections. Field names are unique across sections, so the CLI can expose every field as a
+flat flag (``--image-size``, ``--backbone``, ``--lr`` ...) while the YAML file keeps the nested layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TASKS = ("regression", "classification")
+RESIZE_MODES = ("squash", "letterbox")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how an image becomes a tensor (the model's data contract)."""
+
+    labels: str | None = None  # CSV with id,boneage,male
+    images: str | None = None  # folder of <id>.png
+    split: str | None = None  # CSV with id,split; made (70/15/15 stratified) when absent
+    image_size: int = 384
+    resize_mode: str = "squash"  # squash: plain resize to a square (the seed's); letterbox: keep aspect, pad
+    in_chans: int = 3  # 3: grayscale repeated; 1: first convolution summed over its RGB inputs
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    split_seed: int = 42
+    drop_invalid: bool = False  # skip invalid label rows (listed) instead of refusing to train
+    cache_images: bool = True  # decode + resize every image once, keep uint8 copies in memory
+    num_workers: int = -1  # DataLoader workers; -1: min(4, cpu count)
+
+    def contract(self) -> dict[str, Any]:
+        """The part of the data config a trained model needs at inference time."""
+        return {
+            "image_size": self.image_size,
+            "resize_mode": self.resize_mode,
+            "in_chans": self.in_chans,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "color": "grayscale",
+            "value_range": [0.0, 1.0],
+        }
+
+
+@dataclass
+class AugmentConfig:
+    """The seed's augmentations; set a range to its identity (0, 1.0, 1.0 ...) to switch one off."""
+
+    rotation_degrees: float = 15.0
+    zoom: tuple[float, float] = (0.9, 1.1)
+    brightness: tuple[float, float] = (0.85, 1.15)
+    contrast: tuple[float, float] = (0.85, 1.15)
+    hflip_p: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    """Backbone + sex embedding + head (the seed's architecture)."""
+
+    task: str = "regression"  # regression (bone age, Huber) or classification (4 stages, cross-entropy)
+    backbone: str = "tf_efficientnet_lite0"  # any timm model name
+    pretrained: str = "auto"  # auto | none | timm (download, online only) | path to a weights file
+    sex_embedding_dim: int = 32
+    hidden_dims: tuple[int, ...] = (256, 128)
+    dropouts: tuple[float, ...] = (0.3, 0.2)
+    # Regression output is head * target_scale + target_offset (months); the loss sees (pred - y) / target_scale.
+    # The seed regressed years: scale 12, offset 0. Normalised targets: offset = mean age, scale = its std.
+    target_offset: float = 0.0
+    target_scale: float = 12.0
+    huber_delta: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the Lightning trainer."""
+
+    output: str = "runs/boneage"
+    epochs: int | None = None  # None: 50 for regression, 40 for classification (the seed's)
+    batch_size: int = 16
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_epochs: float = 5.0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    patience: int = 10
+    min_delta: float = 0.001
+    grad_clip: float = 1.0
+    checkpoint_every: int = 5
+    seed: int = 42
+    accelerator: str = "auto"  # auto | cpu | cuda | mps
+    devices: str = "auto"  # auto, a count, or a list such as "0,1"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
+    precision: str = "auto"  # auto: bf16-mixed on CPU/recent CUDA, 32 elsewhere; or any Lightning precision
+    channels_last: bool = True
+    max_steps: int = -1  # stop after this many optimizer steps (smoke tests); -1: no limit
+    limit_train_batches: float = 1.0  # a fraction of the epoch, or a batch count when > 1 (smoke tests)
+    limit_val_batches: float = 1.0
+    progress_bar: bool = True
+
+    def resolved_epochs(self, task: str) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return 50 if task == "regression" else 40
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.model.task not in TASKS:
+            raise ConfigError(f"model.task: expected one of {TASKS}, got {self.model.task!r}")
+        if self.data.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"data.resize_mode: expected one of {RESIZE_MODES}, got {self.data.resize_mode!r}")
+        if self.data.in_chans not in (1, 3):
+            raise ConfigError(f"data.in_chans: expected 1 or 3, got {self.data.in_chans}")
+        if len(self.data.mean) != self.data.in_chans or len(self.data.std) != self.data.in_chans:
+            raise ConfigError(
+                f"data.mean/std: expected {self.data.in_chans} values each (one per input channel), "
+                f"got {len(self.data.mean)} and {len(self.data.std)}"
+            )
+        if self.data.image_size < 32:
+            raise ConfigError(f"data.image_size: expected >= 32 pixels, got {self.data.image_size}")
+        if len(self.model.hidden_dims) != len(self.model.dropouts):
+            raise ConfigError("model.hidden_dims and model.dropouts must have the same length")
+        if self.model.target_scale <= 0:
+            raise ConfigError(f"model.target_scale: expected > 0, got {self.model.target_scale}")
+        for name in ("zoom", "brightness", "contrast"):
+            low, high = getattr(self.augment, name)
+            if not 0 < low <= high:
+                raise ConfigError(f"augment.{name}: expected 0 < low <= high, got ({low}, {high})")
+        if not 0 <= self.augment.hflip_p <= 1:
+            raise ConfigError(f"augment.hflip_p: expected a probability in [0, 1], got {self.augment.hflip_p}")
+        if self.train.batch_size < 1 or self.train.lr <= 0:
+            raise ConfigError("train.batch_size must be >= 1 and train.lr > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, a plain YAML/JSON-able tree
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any], source: str = "config") -> Config:
+        config = cls()
+        unknown_sections = set(tree) - {f.name for f in fields(cls)}
+        if unknown_sections:
+            raise ConfigError(
+                f"{source}: unknown section(s) {sorted(unknown_sections)}; expected data/augment/model/train"
+            )
+        for section_name, values in tree.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {section_name!r} must be a mapping")
+            section = getattr(config, section_name)
+            for key, value in values.items():
+                set_field(section, key, value, f"{source}: {section_name}.{key}")
+        try:
+            config.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        return cls.from_dict(tree, source=str(path))
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _field_type(section: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(section))
+    return hints[name]
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, or raise a ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return coerce(value, non_none[0], where)
+    try:
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            item_type = args[0]
+            return tuple(coerce(item, item_type, where) for item in items)
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}") from None
+    return value
+
+
+def set_field(section: Any, name: str, value: Any, where: str) -> None:
+    if name not in {f.name for f in fields(section)}:
+        raise ConfigError(f"{where}: unknown field; expected one of {[f.name for f in fields(section)]}")
+    setattr(section, name, coerce(value, _field_type(section, name), where))
+
+
+def flat_fields(config: Config | None = None) -> dict[str, tuple[str, dataclasses.Field]]:
+    """Map every field name to (section name, field); names are unique across sections."""
+    config = config or Config()
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section_name, section in config.sections().items():
+        for f in fields(section):
+            assert f.name not in out, f"duplicate config field {f.name}"
+            out[f.name] = (section_name, f)
+    return out

@@ -1,0 +1,506 @@
+"""Reading, validating and splitting RSNA-style data; image decoding; preprocessing and augmentation.
+
+Samples are dicts ``{"image", "age_months", "male", "stage", "id"}``. Images are decoded to float32 grayscale in
+[0, 1], resized to the model's square input (``squash`` or ``letterbox``), augmented on the training side, then
+normalised and repeated to the model's channel count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from boneage.config import AugmentConfig, DataConfig
+
+logger = logging.getLogger(__name__)
+
+# Age stages exactly as the seed: Infant/Toddler [0,60), Child [60,120), Pre-adolescent [120,180), Adolescent 180+.
+STAGE_NAMES = ("Infant/Toddler", "Child", "Pre-adolescent", "Adolescent")
+STAGE_EDGES_MONTHS = (60.0, 120.0, 180.0)
+AGE_RANGE_MONTHS = (0.0, 240.0)
+MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000; a larger image is refused, not decoded
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", "")
+
+_ID_ALIASES = ("id", "image_id")
+_AGE_ALIASES = ("boneage", "bone_age_months", "bone_age")
+_SEX_ALIASES = ("male", "is_male")
+_TRUE = {"true", "1", "m", "male", "yes", "t"}
+_FALSE = {"false", "0", "f", "female", "no"}
+
+
+class DataValidationError(ValueError):
+    """The labels, split or image folder are not usable; ``problems`` lists every one found."""
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.source = source
+        self.problems = list(problems)
+        shown = "\n".join(f"  - {p}" for p in self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(f"{source}: {len(self.problems)} problem(s)\n{shown}{more}")
+
+
+class ImageReadError(ValueError):
+    """An image file could not be decoded into a usable radiograph."""
+
+
+def stage_of(age_months: float | np.ndarray | torch.Tensor) -> Any:
+    """Stage index (0..3) for an age in months; works on scalars, arrays and tensors."""
+    if isinstance(age_months, torch.Tensor):
+        edges = torch.tensor(STAGE_EDGES_MONTHS, dtype=age_months.dtype, device=age_months.device)
+        return torch.bucketize(age_months, edges, right=True)
+    stages = np.searchsorted(np.asarray(STAGE_EDGES_MONTHS), np.asarray(age_months, dtype=float), side="right")
+    return int(stages) if np.ndim(stages) == 0 else stages
+
+
+def parse_sex(value: Any) -> bool | None:
+    """True for male, False for female, None when the value is missing or not understood."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def _pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
+    lowered = {c.strip().lower(): c for c in columns}
+    for alias in aliases:
+        if alias in lowered:
+            return lowered[alias]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- labels
+
+
+def read_labels(
+    labels_csv: str | Path,
+    images_dir: str | Path | None = None,
+    drop_invalid: bool = False,
+) -> pd.DataFrame:
+    """Read and validate a labels CSV (``id,boneage,male``; also ``bone_age_months``/``is_male`` headers).
+
+    Checks duplicate ids, non-numeric or out-of-range ages (outside 0-240 months), missing or unknown sex and, with
+    ``images_dir``, missing image files. Every problem names the CSV row and id.
+
+    Returns:
+        A frame with columns ``id`` (str), ``boneage`` (float months), ``male`` (bool) and, with ``images_dir``,
+        ``path``.
+
+    Raises:
+        DataValidationError: listing every problem, unless ``drop_invalid`` (then invalid rows are logged and dropped).
+    """
+    labels_csv = Path(labels_csv)
+    try:
+        raw = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataValidationError(str(labels_csv), ["file not found"]) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataValidationError(str(labels_csv), [f"not a readable CSV ({err})"]) from None
+    id_col = _pick_column(raw.columns, _ID_ALIASES)
+    age_col = _pick_column(raw.columns, _AGE_ALIASES)
+    sex_col = _pick_column(raw.columns, _SEX_ALIASES)
+    missing = [
+        f"missing column {name!r} (accepted headers: {', '.join(aliases)}); found {list(raw.columns)}"
+        for name, col, aliases in (
+            ("id", id_col, _ID_ALIASES),
+            ("boneage", age_col, _AGE_ALIASES),
+            ("male", sex_col, _SEX_ALIASES),
+        )
+        if col is None
+    ]
+    if missing:
+        raise DataValidationError(str(labels_csv), missing)
+
+    problems: dict[int, list[str]] = {}
+    ids = raw[id_col].str.strip()
+    duplicated = ids.duplicated(keep=False)
+    ages = pd.to_numeric(raw[age_col].str.strip(), errors="coerce")
+    sexes = [parse_sex(v) for v in raw[sex_col]]
+    low, high = AGE_RANGE_MONTHS
+    images_dir = Path(images_dir) if images_dir is not None else None
+    paths: list[Path | None] = []
+    for i, image_id in enumerate(ids):
+        row = i + 2  # 1-based, after the header line
+        issues = problems.setdefault(row, [])
+        if not image_id:
+            issues.append("empty id")
+        elif duplicated.iloc[i]:
+            issues.append(f"duplicate id {image_id!r}")
+        age_text = raw[age_col].iloc[i]
+        if np.isnan(ages.iloc[i]):
+            issues.append(f"{age_col}={age_text!r} is not a number (expected months, {low:g}-{high:g})")
+        elif not low <= ages.iloc[i] <= high:
+            issues.append(f"{age_col}={age_text} is outside {low:g}-{high:g} months")
+        if sexes[i] is None:
+            issues.append(f"{sex_col}={raw[sex_col].iloc[i]!r} is not a known sex (expected True/False, M/F, 1/0)")
+        path = None
+        if images_dir is not None and image_id:
+            path = find_image(images_dir, image_id)
+            if path is None:
+                issues.append(f"no image file {images_dir / (image_id + '.png')} (or .jpg/.dcm)")
+        paths.append(path)
+
+    invalid = {row: issues for row, issues in problems.items() if issues}
+    messages = [f"row {row} (id={ids.iloc[row - 2]!r}): {'; '.join(issues)}" for row, issues in invalid.items()]
+    if messages and not drop_invalid:
+        raise DataValidationError(str(labels_csv), messages)
+    for message in messages:
+        logger.warning("%s: dropped %s", labels_csv, message)
+
+    table = pd.DataFrame({"id": ids, "boneage": ages, "male": [bool(s) if s is not None else False for s in sexes]})
+    if images_dir is not None:
+        table["path"] = [str(p) if p is not None else "" for p in paths]
+    table = table.drop(index=[row - 2 for row in invalid]).reset_index(drop=True)
+    if table.empty:
+        raise DataValidationError(str(labels_csv), ["no valid rows"])
+    return table
+
+
+def find_image(images_dir: str | Path, image_id: str) -> Path | None:
+    """The image file for an id: ``<id>.png`` first, then .jpg/.jpeg/.dcm/.dicom, then a bare ``<id>``."""
+    images_dir = Path(images_dir)
+    for ext in IMAGE_EXTENSIONS:
+        candidate = images_dir / f"{image_id}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- splits
+
+SPLITS = ("train", "val", "test")
+
+
+def make_split(
+    labels: pd.DataFrame,
+    fractions: tuple[float, float, float] = (0.70, 0.15, 0.15),
+    seed: int = 42,
+) -> pd.DataFrame:
+    """Stratified train/val/test split by age stage x sex, reproducible for a seed.
+
+    Returns:
+        A frame ``id,split`` in the order of ``labels``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    stages = stage_of(labels["boneage"].to_numpy())
+    candidates = [
+        ("stage x sex", stages * 2 + labels["male"].to_numpy().astype(int)),
+        ("stage", stages),
+        ("none", None),
+    ]
+    index = np.arange(len(labels))
+    train_frac, val_frac, test_frac = fractions
+
+    def divide(subset: np.ndarray, first_share: float) -> tuple[np.ndarray, np.ndarray]:
+        # Finest stratification that every stratum can satisfy (tiny sets may not have 2 of each stage x sex).
+        for name, strata in candidates:
+            try:
+                first, second = train_test_split(
+                    subset,
+                    train_size=first_share,
+                    random_state=seed,
+                    stratify=None if strata is None else strata[subset],
+                )
+            except ValueError:
+                continue
+            if name != "stage x sex":
+                logger.warning("split: too few images per stage x sex; stratified by %s instead", name)
+            return first, second
+        raise ValueError(f"cannot split {len(subset)} images with fractions {fractions}")
+
+    train_idx, rest_idx = divide(index, train_frac)
+    if test_frac == 0:
+        val_idx, test_idx = rest_idx, np.array([], dtype=int)
+    else:
+        val_idx, test_idx = divide(rest_idx, val_frac / (val_frac + test_frac))
+    split = np.empty(len(labels), dtype=object)
+    split[train_idx], split[val_idx], split[test_idx] = "train", "val", "test"
+    return pd.DataFrame({"id": labels["id"].to_numpy(), "split": split})
+
+
+def read_split(split_csv: str | Path, labels: pd.DataFrame) -> pd.DataFrame:
+    """Read an ``id,split`` CSV (e.g. the seed's ``seed-split.csv``) and check it against the labels.
+
+    Ids in the split but not in the labels, duplicate ids and unknown split names are errors; labelled ids that the
+    split does not mention are left out of every split (and logged).
+    """
+    split_csv = Path(split_csv)
+    try:
+        split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataValidationError(str(split_csv), ["file not found"]) from None
+    if not {"id", "split"} <= set(split.columns):
+        raise DataValidationError(str(split_csv), [f"expected columns id,split; found {list(split.columns)}"])
+    split["id"] = split["id"].str.strip()
+    split["split"] = split["split"].str.strip().str.lower()
+    problems = []
+    for i, (image_id, name) in enumerate(zip(split["id"], split["split"]), start=2):
+        if name not in SPLITS:
+            problems.append(f"row {i} (id={image_id!r}): split={name!r}, expected one of {SPLITS}")
+    duplicates = split["id"][split["id"].duplicated()].tolist()
+    if duplicates:
+        problems.append(f"duplicate ids: {duplicates[:10]}")
+    unknown = sorted(set(split["id"]) - set(labels["id"]))
+    if unknown:
+        problems.append(f"{len(unknown)} id(s) not in the labels, e.g. {unknown[:10]}")
+    if problems:
+        raise DataValidationError(str(split_csv), problems)
+    unassigned = len(set(labels["id"]) - set(split["id"]))
+    if unassigned:
+        logger.info("%s: %d labelled id(s) are in no split and are not used", split_csv, unassigned)
+    return split[["id", "split"]]
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode a radiograph to a float32 (H, W) array in [0, 1].
+
+    PNG/JPEG in 8- or 16-bit grayscale, palette, RGB(A); DICOM detected by its ``DICM`` magic. 8-bit images are
+    scaled by 1/255 (as the training data was); deeper images (16-bit PNG, DICOM) are min-max scaled, after the
+    modality and VOI LUTs for DICOM, and MONOCHROME1 is inverted so bone is bright.
+
+    Raises:
+        ImageReadError: naming the file, when it is missing, not an image, truncated, too large or blank.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if _is_dicom(path):
+        return _read_dicom(path, max_pixels)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
+                )
+            img.load()
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+                # ITU-R 601 luma; an RGBA radiograph's alpha carries no anatomy
+                img = img.convert("L")
+            array = np.asarray(img)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG or DICOM)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        raise ImageReadError(f"{path}: cannot decode image ({err})") from None
+    if array.ndim != 2:
+        raise ImageReadError(f"{path}: expected a single-channel image after conversion, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    return _min_max(array.astype(np.float32), path)
+
+
+def _min_max(array: np.ndarray, path: Path) -> np.ndarray:
+    low, high = float(array.min()), float(array.max())
+    if not np.isfinite(low) or not np.isfinite(high):
+        raise ImageReadError(f"{path}: pixel data contains non-finite values")
+    if high <= low:
+        raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
+    return (array - low) / (high - low)
+
+
+def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as err:
+        raise ImportError("Reading DICOM needs pydicom: pip install 'boneage[dicom]'") from err
+    try:
+        dataset = pydicom.dcmread(path)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        if rows * columns > max_pixels:
+            raise ImageReadError(
+                f"{path}: {columns}x{rows} = {rows * columns:,} pixels exceeds the limit of {max_pixels:,}"
+            )
+        pixels = dataset.pixel_array
+    except ImageReadError:
+        raise
+    except Exception as err:  # pydicom raises many types for corrupt files
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({type(err).__name__}: {err})") from None
+    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{path}: expected a single-frame grayscale DICOM, got pixel shape {pixels.shape}")
+    values = apply_modality_lut(pixels, dataset)
+    values = apply_voi_lut(values, dataset, index=0)
+    image = _min_max(np.asarray(values, dtype=np.float32), path)
+    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        image = 1.0 - image
+    return image
+
+
+# --------------------------------------------------------------------------------------------------- transforms
+
+
+def resize(image: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
+    """Resize a (C, H, W) image to (C, size, size).
+
+    ``squash`` stretches to a square, exactly how the 100-px RSNA copies were made; ``letterbox`` keeps the aspect
+    ratio and pads the short side with black (0).
+    """
+    _, height, width = image.shape
+    if mode == "squash":
+        return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if mode != "letterbox":
+        raise ValueError(f"resize mode: expected 'squash' or 'letterbox', got {mode!r}")
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    scaled = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    out = image.new_zeros((image.shape[0], size, size))
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[:, top : top + new_h, left : left + new_w] = scaled
+    return out
+
+
+def load_resized(path: str | Path, contract: DataConfig) -> torch.Tensor:
+    """Decode and resize one image to the model's square input: (1, S, S) float in [0, 1]."""
+    image = torch.from_numpy(read_image(path))[None]  # (1, H, W)
+    return resize(image, contract.image_size, contract.resize_mode).clamp_(0.0, 1.0)
+
+
+def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The seed's augmentations as a torchvision v2 pipeline on (1, S, S) images in [0, 1].
+
+    Rotation +/-``rotation_degrees``, zoom ``zoom``, brightness and contrast factors, horizontal flip with
+    ``hflip_p``. Never a vertical flip: a hand upside down is not a valid radiograph.
+    """
+    from torchvision.transforms import v2
+
+    steps: list[Any] = []
+    if cfg.rotation_degrees > 0 or cfg.zoom != (1.0, 1.0):
+        steps.append(
+            v2.RandomAffine(
+                degrees=cfg.rotation_degrees, scale=tuple(cfg.zoom), interpolation=v2.InterpolationMode.BILINEAR
+            )
+        )
+    if cfg.brightness != (1.0, 1.0) or cfg.contrast != (1.0, 1.0):
+        steps.append(
+            v2.ColorJitter(
+                brightness=tuple(cfg.brightness) if cfg.brightness != (1.0, 1.0) else None,
+                contrast=tuple(cfg.contrast) if cfg.contrast != (1.0, 1.0) else None,
+            )
+        )
+    if cfg.hflip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(p=cfg.hflip_p))
+    pipeline = v2.Compose(steps)
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        return pipeline(image).clamp_(0.0, 1.0)
+
+    return augment
+
+
+def normalize(image: torch.Tensor, contract: DataConfig) -> torch.Tensor:
+    """(1, S, S) in [0, 1] -> (C, S, S) normalised with the contract's per-channel mean/std."""
+    image = image.expand(contract.in_chans, -1, -1)
+    mean = torch.tensor(contract.mean, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.tensor(contract.std, dtype=image.dtype).view(-1, 1, 1)
+    return (image - mean) / std
+
+
+def preprocess(path: str | Path, contract: DataConfig) -> torch.Tensor:
+    """File -> model input (C, S, S): decode, resize, normalise. The single inference-time path."""
+    return normalize(load_resized(path, contract), contract)
+
+
+# --------------------------------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class _Cache:
+    images: torch.Tensor  # (N, S, S) uint8
+
+
+class BoneAgeDataset(Dataset):
+    """Labelled radiographs as sample dicts.
+
+    Args:
+        table: frame with ``id``, ``path``, ``boneage`` and ``male`` (from :func:`read_labels` with an images dir).
+        contract: input size, resize mode, channels and normalisation.
+        augment: applied to the resized [0, 1] image before normalisation (training only).
+        cache: decode and resize every image up front and keep uint8 copies, instead of decoding every epoch.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        contract: DataConfig,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: bool = False,
+    ):
+        self.ids = table["id"].astype(str).tolist()
+        self.paths = table["path"].astype(str).tolist()
+        self.ages = torch.tensor(table["boneage"].to_numpy(dtype=np.float32))
+        self.male = torch.tensor(table["male"].to_numpy(dtype=np.int64))
+        self.contract = contract
+        self.augment = augment
+        self.cache_enabled = cache
+        self._cache: _Cache | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fill_cache(self, progress: bool = False) -> None:
+        """Decode every image once into a shared uint8 tensor (workers forked later read it without copies)."""
+        if self._cache is not None:
+            return
+        from tqdm.auto import tqdm
+
+        size = self.contract.image_size
+        images = torch.empty((len(self), size, size), dtype=torch.uint8)
+        for i in tqdm(range(len(self)), desc="decoding images", disable=not progress, leave=False):
+            images[i] = (load_resized(self.paths[i], self.contract)[0] * 255.0).round_().to(torch.uint8)
+        self._cache = _Cache(images)
+
+    def _image(self, index: int) -> torch.Tensor:
+        if self.cache_enabled:
+            self.fill_cache()
+            assert self._cache is not None
+            return self._cache.images[index][None].float() / 255.0
+        return load_resized(self.paths[index], self.contract)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self._image(index)  # (1, S, S) in [0, 1]
+        if self.augment is not None:
+            image = self.augment(image)
+        age = self.ages[index]
+        return {
+            "image": normalize(image, self.contract),
+            "age_months": age,
+            "male": self.male[index],
+            "stage": stage_of(age),
+            "id": self.ids[index],
+        }

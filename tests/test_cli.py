@@ -1,0 +1,69 @@
+"""The real command line, end to end on a synthetic RSNA-style folder."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from boneage.cli import main
+from boneage.model import load_model_folder
+
+
+def test_cli_split_validate_train(tmp_path, rsna_folder, capsys):
+    labels, images = rsna_folder
+    assert (
+        main(["split", "--labels", str(labels), "--images", str(images), "--output", str(tmp_path / "split.csv")]) == 0
+    )
+    split = pd.read_csv(tmp_path / "split.csv")
+    assert split["split"].value_counts().to_dict() == {"train": 33, "val": 7, "test": 8}
+    assert main(["validate", "--labels", str(labels), "--images", str(images), "--decode"]) == 0
+    assert "48 valid rows, 24 male" in capsys.readouterr().out
+
+    code = main(
+        [
+            "train",
+            "--labels",
+            str(labels),
+            "--images",
+            str(images),
+            "--split",
+            str(tmp_path / "split.csv"),
+            "--output",
+            str(tmp_path / "run"),
+            "--image-size",
+            "64",
+            "--pretrained",
+            "auto",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--warmup-epochs",
+            "0",
+            "--num-workers",
+            "0",
+            "--progress-bar",
+            "false",
+        ]
+    )
+    assert code == 0
+    model, description = load_model_folder(tmp_path / "run" / "model")
+    assert description["data_contract"]["image_size"] == 64
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n_val"] == 7
+
+
+def test_cli_reports_bad_data_without_a_traceback(tmp_path, rsna_folder, capsys):
+    labels, images = rsna_folder
+    frame = pd.read_csv(labels, dtype=str)
+    frame.loc[0, "boneage"] = "twelve"
+    frame.to_csv(labels, index=False)
+    code = main(["train", "--labels", str(labels), "--images", str(images), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "boneage train: error:" in err and "row 2" in err and "'twelve' is not a number" in err
+    assert "Traceback" not in err
+    assert main(["train", "--output", str(tmp_path / "x")]) == 2
+    assert "--labels FILE --images DIR" in capsys.readouterr().err

@@ -1,0 +1,337 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from boneage.config import AugmentConfig, DataConfig
+from boneage.data import (
+    BoneAgeDataset,
+    DataValidationError,
+    ImageReadError,
+    build_augment,
+    make_split,
+    normalize,
+    preprocess,
+    read_image,
+    read_labels,
+    read_split,
+    resize,
+    stage_of,
+)
+from tests.conftest import synthetic_radiograph, write_dicom
+
+# ------------------------------------------------------------------------------------------- labels validation
+
+
+def _write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_read_labels_valid_and_aliases(rsna_folder, tmp_path):
+    labels_csv, images = rsna_folder
+    table = read_labels(labels_csv, images)
+    assert len(table) == 48
+    assert set(table.columns) >= {"id", "boneage", "male", "path"}
+    assert table["male"].dtype == bool and table["male"].sum() == 24
+    assert all(Path(p).is_file() for p in table["path"])
+
+    aliased = _write_csv(tmp_path / "alias.csv", "id,bone_age_months,is_male\n1000,12,M\n1001,200.5,female\n")
+    table = read_labels(aliased)
+    assert table["boneage"].tolist() == [12.0, 200.5]
+    assert table["male"].tolist() == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ("1000,abc,True", "boneage='abc' is not a number"),
+        ("1000,250,True", "boneage=250 is outside 0-240 months"),
+        ("1000,-1,True", "outside 0-240"),
+        ("1000,100,", "male='' is not a known sex"),
+        ("1000,100,maybe", "male='maybe' is not a known sex"),
+        (",100,True", "empty id"),
+    ],
+)
+def test_read_labels_reports_each_problem_with_row_and_id(tmp_path, row, expected):
+    csv = _write_csv(tmp_path / "labels.csv", f"id,boneage,male\n1001,50,False\n{row}\n")
+    with pytest.raises(DataValidationError) as info:
+        read_labels(csv)
+    message = str(info.value)
+    assert expected in message
+    assert "row 3" in message and str(csv) in message
+    assert len(info.value.problems) == 1
+
+
+def test_read_labels_duplicate_ids_and_missing_images(rsna_folder):
+    labels_csv, images = rsna_folder
+    frame = pd.read_csv(labels_csv, dtype=str)
+    frame.loc[1, "id"] = frame.loc[0, "id"]
+    (images / f"{frame.loc[5, 'id']}.png").unlink()
+    frame.to_csv(labels_csv, index=False)
+    with pytest.raises(DataValidationError) as info:
+        read_labels(labels_csv, images)
+    problems = info.value.problems
+    assert sum("duplicate id" in p for p in problems) == 2
+    assert any("no image file" in p and frame.loc[5, "id"] in p for p in problems)
+
+
+def test_read_labels_missing_column_and_file(tmp_path):
+    csv = _write_csv(tmp_path / "labels.csv", "id,age,male\n1,2,True\n")
+    with pytest.raises(DataValidationError, match="missing column 'boneage'"):
+        read_labels(csv)
+    with pytest.raises(DataValidationError, match="file not found"):
+        read_labels(tmp_path / "absent.csv")
+
+
+def test_drop_invalid_keeps_valid_rows_and_lists_dropped(tmp_path, caplog):
+    csv = _write_csv(tmp_path / "labels.csv", "id,boneage,male\n1,50,True\n2,999,False\n3,70,x\n4,80,F\n")
+    table = read_labels(csv, drop_invalid=True)
+    assert table["id"].tolist() == ["1", "4"]
+    assert "row 3 (id='2')" in caplog.text and "row 4 (id='3')" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------- stages and splits
+
+
+@pytest.mark.parametrize(
+    ("age", "stage"), [(0, 0), (59.99, 0), (60, 1), (119.99, 1), (120, 2), (179.99, 2), (180, 3), (228, 3), (240, 3)]
+)
+def test_stage_bins_at_edges(age, stage):
+    assert stage_of(age) == stage
+    assert int(stage_of(torch.tensor([float(age)]))[0]) == stage
+    assert int(stage_of(np.array([age]))[0]) == stage
+
+
+def _population(n: int = 2000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {"id": [str(i) for i in range(n)], "boneage": rng.uniform(1, 228, n).round(), "male": rng.random(n) < 0.54}
+    )
+
+
+def test_split_is_stratified_and_reproducible():
+    labels = _population()
+    split = make_split(labels, seed=7)
+    assert split["split"].value_counts().to_dict() == pytest.approx({"train": 1400, "val": 300, "test": 300}, abs=2)
+    merged = labels.merge(split, on="id")
+    merged["stratum"] = stage_of(merged["boneage"].to_numpy()) * 2 + merged["male"].astype(int)
+    share = merged.groupby("stratum")["split"].apply(lambda s: (s == "train").mean())
+    assert share.between(0.68, 0.72).all(), share
+    assert make_split(labels, seed=7).equals(split)
+    assert not make_split(labels, seed=8)["split"].equals(split["split"])
+
+
+def test_read_split_checks_ids(tmp_path):
+    labels = _population(20)
+    good = _write_csv(
+        tmp_path / "split.csv", "id,split\n" + "\n".join(f"{i},{'val' if i < 5 else 'train'}" for i in range(18))
+    )
+    assert read_split(good, labels)["split"].value_counts().to_dict() == {"train": 13, "val": 5}
+    bad = _write_csv(tmp_path / "bad.csv", "id,split\n1,train\n1,val\n999,train\n2,holdout\n")
+    with pytest.raises(DataValidationError) as info:
+        read_split(bad, labels)
+    text = str(info.value)
+    assert "duplicate ids" in text and "not in the labels" in text and "split='holdout'" in text
+
+
+# ------------------------------------------------------------------------------------------- image formats
+
+
+@pytest.fixture
+def gradient() -> np.ndarray:
+    return np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))  # (48, 64), dark left, bright right
+
+
+def test_read_8bit_grayscale_png_keeps_values(tmp_path, gradient):
+    Image.fromarray(gradient).save(tmp_path / "g.png")
+    image = read_image(tmp_path / "g.png")
+    assert image.shape == (48, 64) and image.dtype == np.float32
+    np.testing.assert_allclose(image, gradient / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA"])
+def test_read_color_and_palette_png(tmp_path, gradient, mode):
+    Image.fromarray(gradient).convert(mode).save(tmp_path / "c.png")
+    image = read_image(tmp_path / "c.png")
+    np.testing.assert_allclose(image, gradient / 255.0, atol=2 / 255)
+
+
+def test_read_16bit_png_and_jpeg(tmp_path, gradient):
+    deep = gradient.astype(np.uint16) * 16 + 100  # a 12-bit image stored in 16 bits
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    image = read_image(tmp_path / "d.png")
+    assert image.min() == 0.0 and image.max() == 1.0
+    np.testing.assert_allclose(image, (gradient / 255.0), atol=1e-3)
+    Image.fromarray(gradient).save(tmp_path / "j.jpg", quality=95)
+    np.testing.assert_allclose(read_image(tmp_path / "j.jpg"), gradient / 255.0, atol=6 / 255)
+
+
+def test_read_dicom_monochrome2_and_monochrome1(tmp_path, gradient):
+    pixels = gradient.astype(np.uint16) * 16
+    mono2 = read_image(write_dicom(tmp_path / "a.dcm", pixels, "MONOCHROME2"))
+    mono1 = read_image(write_dicom(tmp_path / "b", 4080 - pixels, "MONOCHROME1"))  # no extension: found by magic
+    np.testing.assert_allclose(mono2, gradient / 255.0, atol=1e-3)
+    np.testing.assert_allclose(mono1, mono2, atol=1e-6)  # inverted back: bone is bright in both
+
+
+def test_read_dicom_applies_voi_window(tmp_path, gradient):
+    pixels = gradient.astype(np.uint16) * 16
+    path = write_dicom(tmp_path / "w.dcm", pixels, WindowCenter=2040, WindowWidth=1020)
+    image = read_image(path)
+    assert image[:, 0].max() == 0.0 and image[:, -1].min() == 1.0  # clipped outside the window
+    assert 0.3 < image[0, 32] < 0.7
+
+
+def test_unreadable_images_raise_with_file_name(tmp_path, gradient):
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImageReadError, match=r"text\.png: not a recognised image"):
+        read_image(tmp_path / "text.png")
+    Image.fromarray(gradient).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cut\.png: cannot decode"):
+        read_image(tmp_path / "cut.png")
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "absent.png")
+    blank = np.full((10, 10), 700, dtype=np.uint16)
+    Image.fromarray(blank).save(tmp_path / "blank16.png")
+    with pytest.raises(ImageReadError, match="blank"):
+        read_image(tmp_path / "blank16.png")
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    with pytest.raises(ImageReadError, match=r"bad\.dcm: cannot decode DICOM"):
+        read_image(tmp_path / "bad.dcm")
+
+
+def test_pixel_limit_guards_against_decompression_bombs(tmp_path):
+    Image.new("L", (400, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ImageReadError, match="120,000 pixels exceeds the limit of 100,000"):
+        read_image(tmp_path / "big.png", max_pixels=100_000)
+    write_dicom(tmp_path / "big.dcm", np.zeros((300, 400), dtype=np.uint16))
+    with pytest.raises(ImageReadError, match="exceeds the limit"):
+        read_image(tmp_path / "big.dcm", max_pixels=100_000)
+
+
+# ------------------------------------------------------------------------------------------- preprocessing
+
+
+def test_resize_squash_and_letterbox():
+    image = torch.ones(1, 40, 80)
+    squashed = resize(image, 32, "squash")
+    assert squashed.shape == (1, 32, 32) and torch.allclose(squashed, torch.ones_like(squashed))
+    boxed = resize(image, 32, "letterbox")
+    assert boxed.shape == (1, 32, 32)
+    assert boxed[0, 8:24].min() > 0.99 and boxed[0, :8].max() == 0 and boxed[0, 24:].max() == 0
+    with pytest.raises(ValueError, match="resize mode"):
+        resize(image, 32, "crop")
+
+
+def test_normalize_three_and_one_channel():
+    image = torch.full((1, 8, 8), 0.5)
+    three = normalize(image, DataConfig())
+    assert three.shape == (3, 8, 8)
+    assert three[0, 0, 0].item() == pytest.approx((0.5 - 0.485) / 0.229)
+    one = normalize(image, DataConfig(in_chans=1, mean=(0.5,), std=(0.25,)))
+    assert one.shape == (1, 8, 8) and one.abs().max() == 0
+
+
+def test_preprocess_full_path(tmp_path):
+    Image.fromarray(synthetic_radiograph(100, size=90)).save(tmp_path / "x.png")
+    tensor = preprocess(tmp_path / "x.png", DataConfig(image_size=64))
+    assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32 and tensor.std() > 0.1
+
+
+# ------------------------------------------------------------------------------------------- augmentation ranges
+
+_OFF = {"rotation_degrees": 0.0, "zoom": (1.0, 1.0), "brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "hflip_p": 0.0}
+
+
+def _only(**kwargs: object):
+    torch.manual_seed(0)
+    return build_augment(AugmentConfig(**{**_OFF, **kwargs}))
+
+
+def test_default_augmentations_are_the_seeds():
+    cfg = AugmentConfig()
+    assert (cfg.rotation_degrees, cfg.zoom, cfg.brightness, cfg.contrast, cfg.hflip_p) == (
+        15.0,
+        (0.9, 1.1),
+        (0.85, 1.15),
+        (0.85, 1.15),
+        0.5,
+    )
+
+
+def test_brightness_acts_within_range():
+    augment = _only(brightness=(0.85, 1.15))
+    factors = [augment(torch.full((1, 16, 16), 0.5)).mean().item() / 0.5 for _ in range(200)]
+    assert 0.85 - 1e-4 <= min(factors) < 0.9 and 1.1 < max(factors) <= 1.15 + 1e-4
+
+
+def test_contrast_acts_within_range():
+    augment = _only(contrast=(0.85, 1.15))
+    image = torch.full((1, 16, 16), 0.3)
+    image[:, :, 8:] = 0.7
+    ratios = [augment(image.clone()).std().item() / image.std().item() for _ in range(200)]
+    assert 0.85 - 1e-3 <= min(ratios) < 0.9 and 1.1 < max(ratios) <= 1.15 + 1e-3
+
+
+def test_zoom_acts_within_range():
+    augment = _only(zoom=(0.9, 1.1))
+    image = torch.zeros(1, 101, 101)
+    image[:, 30:71, 30:71] = 1.0
+    area = (image > 0.5).sum().item()
+    ratios = [(augment(image.clone()) > 0.5).sum().item() / area for _ in range(200)]
+    assert 0.81 - 0.03 <= min(ratios) < 0.86 and 1.16 < max(ratios) <= 1.21 + 0.03
+
+
+def _orientation_degrees(image: torch.Tensor) -> float:
+    ys, xs = torch.nonzero(image[0] > 0.5, as_tuple=True)
+    x, y = xs.float() - xs.float().mean(), ys.float() - ys.float().mean()
+    return math.degrees(0.5 * math.atan2(2 * (x * y).mean().item(), ((x * x).mean() - (y * y).mean()).item()))
+
+
+def test_rotation_acts_within_range():
+    augment = _only(rotation_degrees=15.0)
+    image = torch.zeros(1, 101, 101)
+    image[:, 48:53, 10:91] = 1.0  # a horizontal bar
+    angles = [_orientation_degrees(augment(image.clone())) for _ in range(200)]
+    assert max(abs(a) for a in angles) <= 15.5
+    assert min(angles) < -10 and max(angles) > 10
+
+
+def test_horizontal_flip_half_the_time_and_never_vertical():
+    image = torch.zeros(1, 32, 32)
+    image[:, :16, :16] = 1.0  # bright top-left quadrant
+    flip = _only(hflip_p=0.5)
+    outputs = [flip(image.clone()) for _ in range(400)]
+    flipped = sum(o[0, :16, 16:].mean().item() > 0.9 for o in outputs)
+    assert 160 < flipped < 240
+    assert all(o[0, :16].mean() > 0.45 and o[0, 16:].mean() < 0.05 for o in outputs)  # top stays on top
+    torch.manual_seed(1)
+    everything = build_augment(AugmentConfig())
+    assert all(everything(image.clone())[0, :16].mean() > everything(image.clone())[0, 16:].mean() for _ in range(100))
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+def test_dataset_samples_and_cache_match(rsna_folder):
+    labels_csv, images = rsna_folder
+    table = read_labels(labels_csv, images)
+    contract = DataConfig(image_size=64)
+    plain, cached = BoneAgeDataset(table, contract), BoneAgeDataset(table, contract, cache=True)
+    cached.fill_cache()
+    sample = plain[3]
+    assert set(sample) == {"image", "age_months", "male", "stage", "id"}
+    assert sample["image"].shape == (3, 64, 64)
+    assert sample["id"] == table["id"][3] and sample["age_months"].item() == table["boneage"][3]
+    assert int(sample["stage"]) == stage_of(table["boneage"][3])
+    # uint8 cache: at most half a grey level away from the float path, after normalisation by std ~0.22
+    assert (cached[3]["image"] - sample["image"]).abs().max() < 0.6 / 255 / 0.22
