@@ -96,6 +96,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from boneage.predict import predict_paths
+
+    table = predict_paths(
+        args.paths,
+        args.output,
+        model_dir=args.model,
+        metadata=args.metadata,
+        sex=args.sex,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+    )
+    failed = table[table["status"] != "ok"]
+    if len(table) <= 20:
+        for row in table.itertuples():
+            if row.status == "ok":
+                sex = "male" if row.male else "female"
+                print(f"{row.id}: bone age {row.bone_age_months:.1f} months ({row.bone_age}), {row.stage} [{sex}]")
+            else:
+                print(f"{row.id}: {row.status}: {row.message}")
+    print(f"wrote {args.output}: {len(table) - len(failed)} predicted, {len(failed)} failed")
+    for row in failed.head(20).itertuples():
+        print(f"  {row.path}: {row.message}", file=sys.stderr)
+    return 3 if len(failed) else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from boneage.evaluate import evaluate, format_report
+
+    metrics = evaluate(args.predictions, args.labels, args.output)
+    print(format_report(metrics))
+    if args.output:
+        print(f"wrote {Path(args.output) / 'metrics.json'} and report.txt")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
     parser.add_argument("--version", action="version", version=f"boneage {__version__}")
@@ -116,6 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=42)
     split.add_argument("--drop-invalid", action="store_true")
     split.set_defaults(func=_cmd_split)
+
+    predict = commands.add_parser(
+        "predict",
+        help="bone age for image files/folders (PNG, JPEG, DICOM) -> CSV",
+        description="Predict bone age. Exit status 0: every image predicted; 3: some rows failed (see the CSV's "
+        "status/message columns); 2: bad arguments or model.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("--model", help="model folder (default: the model shipped with the package)")
+    predict.add_argument("--metadata", help="CSV with id,male per image id (the file stem)")
+    predict.add_argument("--sex", help="M or F, for every image without metadata")
+    predict.add_argument("--output", default="predictions.csv", help="prediction CSV (default: predictions.csv)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_cmd_predict)
+
+    evaluate = commands.add_parser("evaluate", help="score a prediction CSV against labels (MAE, QWK, per sex ...)")
+    evaluate.add_argument("--predictions", required=True, help="CSV from boneage predict (id,bone_age_months,...)")
+    evaluate.add_argument("--labels", required=True, help="CSV with id,boneage,male")
+    evaluate.add_argument("--output", help="folder for metrics.json and report.txt")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)

@@ -1,0 +1,239 @@
+"""Score prediction files against labels (the model is never needed): regression, stage and per-sex metrics.
+
+``evaluate(predictions_csv, labels_csv, output_dir)`` reads a ``boneage predict`` CSV (or any CSV with
+``id,bone_age_months`` and optionally ``stage``), joins it to ``id,boneage,male`` labels, and writes
+``metrics.json`` and ``report.txt``. PyTorch, ONNX and outside predictions are scored by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from boneage.data import STAGE_NAMES, DataValidationError, read_labels, stage_of
+
+PERCENTILES = (25, 50, 75, 90, 95, 99)
+WITHIN_MONTHS = (6, 12, 18)
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """A prediction CSV: needs ``id`` and ``bone_age_months`` (or ``stage`` for a classifier); ``status`` optional."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"id": str})
+    except FileNotFoundError:
+        raise DataValidationError(str(path), ["file not found"]) from None
+    if "id" not in frame.columns or not ({"bone_age_months", "stage"} & set(frame.columns)):
+        raise DataValidationError(
+            str(path), [f"expected columns id and bone_age_months (or stage); found {list(frame.columns)}"]
+        )
+    if frame["id"].duplicated().any():
+        raise DataValidationError(str(path), [f"duplicate ids {frame['id'][frame['id'].duplicated()].tolist()[:10]}"])
+    if "status" not in frame.columns:
+        frame["status"] = "ok"
+    return frame
+
+
+def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """MAE/RMSE (months and years), R^2, median absolute error, bias, |error| percentiles, share within +/-k."""
+    from sklearn.metrics import mean_absolute_error, median_absolute_error, r2_score, root_mean_squared_error
+
+    error = predicted - truth
+    absolute = np.abs(error)
+    mae = float(mean_absolute_error(truth, predicted))
+    rmse = float(root_mean_squared_error(truth, predicted))
+    return {
+        "n": int(len(truth)),
+        "mae_months": mae,
+        "mae_years": mae / 12,
+        "rmse_months": rmse,
+        "rmse_years": rmse / 12,
+        "r2": float(r2_score(truth, predicted)) if len(truth) > 1 else float("nan"),
+        "median_ae_months": float(median_absolute_error(truth, predicted)),
+        "mean_signed_error_months": float(error.mean()),
+        "abs_error_percentiles_months": {str(p): float(np.percentile(absolute, p)) for p in PERCENTILES},
+        "within_months": {str(k): float((absolute <= k).mean()) for k in WITHIN_MONTHS},
+    }
+
+
+def stage_metrics(true_stage: np.ndarray, predicted_stage: np.ndarray) -> dict[str, Any]:
+    """Accuracy, weighted/macro precision/recall/F1, Cohen's and quadratic weighted kappa, confusion matrix."""
+    from sklearn.metrics import (
+        accuracy_score,
+        cohen_kappa_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
+    labels = list(range(len(STAGE_NAMES)))
+    out: dict[str, Any] = {"n": int(len(true_stage)), "accuracy": float(accuracy_score(true_stage, predicted_stage))}
+    for average in ("weighted", "macro"):
+        p, r, f, _ = precision_recall_fscore_support(
+            true_stage, predicted_stage, labels=labels, average=average, zero_division=0
+        )
+        out[f"precision_{average}"], out[f"recall_{average}"], out[f"f1_{average}"] = float(p), float(r), float(f)
+    out["cohen_kappa"] = float(cohen_kappa_score(true_stage, predicted_stage, labels=labels))
+    out["quadratic_weighted_kappa"] = float(
+        cohen_kappa_score(true_stage, predicted_stage, labels=labels, weights="quadratic")
+    )
+    out["confusion_matrix"] = confusion_matrix(true_stage, predicted_stage, labels=labels).tolist()
+    p, r, f, support = precision_recall_fscore_support(
+        true_stage, predicted_stage, labels=labels, average=None, zero_division=0
+    )
+    out["per_stage"] = {
+        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+        for i, name in enumerate(STAGE_NAMES)
+    }
+    return out
+
+
+def _stage_index(values: pd.Series) -> np.ndarray:
+    lookup = {name.lower(): i for i, name in enumerate(STAGE_NAMES)}
+    indices = []
+    for value in values:
+        text = str(value).strip().lower()
+        if text in lookup:
+            indices.append(lookup[text])
+        elif text.isdigit() and int(text) < len(STAGE_NAMES):
+            indices.append(int(text))
+        else:
+            raise DataValidationError("stage", [f"unknown stage {value!r}; expected one of {STAGE_NAMES} or 0-3"])
+    return np.array(indices)
+
+
+def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
+    """Metrics for a frame with ``boneage``, ``male`` and ``bone_age_months`` and/or ``stage`` (predicted)."""
+    metrics: dict[str, Any] = {}
+    truth = joined["boneage"].to_numpy(dtype=float)
+    true_stage = stage_of(truth)
+    has_age = "bone_age_months" in joined.columns and joined["bone_age_months"].notna().all()
+    if has_age:
+        predicted = joined["bone_age_months"].to_numpy(dtype=float)
+        metrics["regression"] = regression_metrics(truth, predicted)
+        metrics["stage_from_regression"] = stage_metrics(true_stage, stage_of(predicted))
+        by_sex = {}
+        for sex_name, is_male in (("male", True), ("female", False)):
+            mask = joined["male"].to_numpy(dtype=bool) == is_male
+            if mask.any():
+                part = regression_metrics(truth[mask], predicted[mask])
+                by_sex[sex_name] = {
+                    k: part[k] for k in ("n", "mae_months", "rmse_months", "r2", "mean_signed_error_months")
+                }
+        if len(by_sex) == 2:
+            by_sex["mae_gap_months"] = abs(by_sex["male"]["mae_months"] - by_sex["female"]["mae_months"])
+        metrics["by_sex"] = by_sex
+        metrics["by_stage"] = {
+            name: {
+                "n": int((true_stage == i).sum()),
+                "mae_months": float(np.abs(predicted - truth)[true_stage == i].mean()),
+                "mean_signed_error_months": float((predicted - truth)[true_stage == i].mean()),
+            }
+            for i, name in enumerate(STAGE_NAMES)
+            if (true_stage == i).any()
+        }
+    if "stage" in joined.columns and joined["stage"].notna().all():
+        predicted_stage = _stage_index(joined["stage"])
+        metrics["stage"] = stage_metrics(true_stage, predicted_stage)
+        if has_age:
+            metrics["stage"]["agreement_with_regression"] = float(
+                (predicted_stage == stage_of(joined["bone_age_months"].to_numpy(dtype=float))).mean()
+            )
+    return metrics
+
+
+def evaluate(predictions: str | Path, labels: str | Path, output: str | Path | None = None) -> dict[str, Any]:
+    """Join predictions to labels by id and score them; writes ``metrics.json`` and ``report.txt`` to ``output``.
+
+    Raises:
+        DataValidationError: missing columns, or prediction ids that are not in the labels.
+    """
+    preds = read_predictions(predictions)
+    truth = read_labels(labels)
+    unknown = sorted(set(preds["id"]) - set(truth["id"]))
+    if unknown:
+        raise DataValidationError(
+            str(predictions), [f"{len(unknown)} prediction id(s) not in {labels}, e.g. {unknown[:10]}"]
+        )
+    failed = preds[preds["status"] != "ok"]
+    scored = preds[preds["status"] == "ok"].drop(columns=["male"], errors="ignore")
+    joined = scored.merge(truth[["id", "boneage", "male"]], on="id", how="inner")
+    if joined.empty:
+        raise DataValidationError(str(predictions), ["no successful predictions to score"])
+    metrics = {
+        "predictions": str(predictions),
+        "labels": str(labels),
+        "n_scored": int(len(joined)),
+        "n_failed": int(len(failed)),
+        "failed_ids": failed["id"].tolist()[:100],
+        **compute_metrics(joined),
+    }
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output / "report.txt").write_text(format_report(metrics))
+    return metrics
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    """A readable text report of :func:`evaluate`'s metrics."""
+    lines = [
+        f"Predictions: {metrics['predictions']}",
+        f"Labels: {metrics['labels']}",
+        f"Scored: {metrics['n_scored']}  failed: {metrics['n_failed']}",
+        "",
+    ]
+    reg = metrics.get("regression")
+    if reg:
+        lines += [
+            "Regression (months)",
+            f"  MAE {reg['mae_months']:.2f} ({reg['mae_years']:.3f} y)   RMSE {reg['rmse_months']:.2f} "
+            f"({reg['rmse_years']:.3f} y)   R2 {reg['r2']:.4f}",
+            f"  median AE {reg['median_ae_months']:.2f}   mean signed error {reg['mean_signed_error_months']:+.2f}",
+            "  |error| percentiles: "
+            + "  ".join(f"P{k} {v:.1f}" for k, v in reg["abs_error_percentiles_months"].items()),
+            "  within: " + "  ".join(f"+/-{k} m {v:.1%}" for k, v in reg["within_months"].items()),
+            "",
+            "By sex",
+        ]
+        for sex in ("male", "female"):
+            if sex in metrics["by_sex"]:
+                s = metrics["by_sex"][sex]
+                lines.append(
+                    f"  {sex:<7} n={s['n']:<5} MAE {s['mae_months']:.2f}  RMSE {s['rmse_months']:.2f}  "
+                    f"R2 {s['r2']:.4f}  bias {s['mean_signed_error_months']:+.2f}"
+                )
+        if "mae_gap_months" in metrics["by_sex"]:
+            lines.append(f"  MAE gap {metrics['by_sex']['mae_gap_months']:.2f} months")
+        lines += ["", "By true stage"]
+        for name, s in metrics["by_stage"].items():
+            lines.append(
+                f"  {name:<15} n={s['n']:<5} MAE {s['mae_months']:.2f}  bias {s['mean_signed_error_months']:+.2f}"
+            )
+        lines.append("")
+    for key, title in (
+        ("stage", "Stage (predicted column)"),
+        ("stage_from_regression", "Stage implied by the bone age"),
+    ):
+        st = metrics.get(key)
+        if not st:
+            continue
+        lines += [
+            title,
+            f"  accuracy {st['accuracy']:.4f}  F1 weighted {st['f1_weighted']:.4f}  F1 macro {st['f1_macro']:.4f}  "
+            f"kappa {st['cohen_kappa']:.4f}  QWK {st['quadratic_weighted_kappa']:.4f}",
+            "  confusion matrix (rows: true, columns: predicted; " + ", ".join(STAGE_NAMES) + ")",
+        ]
+        lines += ["    " + " ".join(f"{v:6d}" for v in row) for row in st["confusion_matrix"]]
+        for name, s in st["per_stage"].items():
+            lines.append(
+                f"  {name:<15} P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}  n={s['support']}"
+            )
+        if "agreement_with_regression" in st:
+            lines.append(f"  agreement with the regression's stage: {st['agreement_with_regression']:.1%}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""Batch prediction: image files or folders in, a prediction CSV out (one row per file, errors included).
+
+Decoding and preprocessing run in DataLoader workers while the model predicts; rows are written to the CSV as each
+batch finishes, so a long batch keeps everything already computed even if it is stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from boneage.config import DataConfig
+from boneage.data import STAGE_NAMES, ImageReadError, parse_sex, preprocess, stage_of
+from boneage.model import BoneAgeNet, ModelFolderError, contract_from_description, load_model_folder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "lite0-128"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+PREDICTION_COLUMNS = ["id", "path", "male", "bone_age_months", "bone_age", "stage", "status", "message"]
+
+
+def default_model_dir() -> Path:
+    """The model folder shipped inside the package (no network needed)."""
+    folder = Path(str(resources.files("boneage") / "models" / DEFAULT_MODEL))
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"the default model is missing from the installation ({folder}); pass --model DIR")
+    return folder
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom) into a sorted, de-duplicated list."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)  # a missing file becomes an error row, not a crash
+    seen: set[Path] = set()
+    return [p for p in found if not (p in seen or seen.add(p))]
+
+
+def read_metadata(metadata_csv: str | Path) -> pd.DataFrame:
+    """``id,male`` (and optionally ``chronological_age_months``) per image id (the file stem)."""
+    frame = pd.read_csv(metadata_csv, dtype=str, keep_default_na=False)
+    if "id" not in frame.columns:
+        raise ValueError(f"{metadata_csv}: expected an 'id' column (the image file stem); found {list(frame.columns)}")
+    if frame["id"].duplicated().any():
+        raise ValueError(f"{metadata_csv}: duplicate ids {frame['id'][frame['id'].duplicated()].tolist()[:5]}")
+    return frame.set_index("id")
+
+
+def format_age(months: float) -> str:
+    """182.4 -> '15y 2m'."""
+    total = int(round(months))
+    return f"{total // 12}y {total % 12}m"
+
+
+@dataclass
+class _Item:
+    index: int
+    image: torch.Tensor | None
+    error: str | None
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], contract: DataConfig):
+        self.paths = paths
+        self.contract = contract
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> _Item:
+        try:
+            return _Item(index, preprocess(self.paths[index], self.contract), None)
+        except (ImageReadError, ImportError) as err:
+            return _Item(index, None, str(err))
+
+
+def _collate(items: list[_Item]) -> list[_Item]:
+    return items
+
+
+def _num_workers(requested: int | None, n_files: int) -> int:
+    if requested is not None:
+        return requested
+    return 0 if n_files < 16 else min(2, os.cpu_count() or 1)
+
+
+class Predictor:
+    """A loaded model and its data contract; ``predict_tensor`` for in-process use, ``predict_files`` for batches."""
+
+    def __init__(self, model: BoneAgeNet, description: dict[str, Any], model_dir: Path):
+        self.model = model.eval()
+        self.description = description
+        self.model_dir = model_dir
+        self.contract = contract_from_description(description)
+        self.task = description["model"]["task"]
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None) -> Predictor:
+        folder = Path(model_dir) if model_dir else default_model_dir()
+        model, description = load_model_folder(folder)
+        return cls(model, description, folder)
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) preprocessed images and (B,) sex -> (bone age months or NaN, stage index)."""
+        output = self.model(images.contiguous(memory_format=torch.channels_last), male)
+        if self.task == "regression":
+            months = output.float()
+            return months, stage_of(months)
+        return torch.full((len(images),), float("nan")), output.argmax(dim=1)
+
+    def predict_files(
+        self,
+        paths: list[Path],
+        sexes: list[bool | None],
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield one result row per path, in order; unreadable files and unknown sex give an error row."""
+        from tqdm.auto import tqdm
+
+        workers = _num_workers(num_workers, len(paths))
+        loader = DataLoader(
+            _ImageFiles(paths, self.contract), batch_size=batch_size, num_workers=workers, collate_fn=_collate
+        )
+        with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
+            for items in loader:
+                rows: dict[int, dict[str, Any]] = {}
+                ready = []
+                for item in items:
+                    path = paths[item.index]
+                    row = {"id": path.stem, "path": str(path), "male": sexes[item.index]}
+                    if item.error is not None:
+                        row.update(status="error", message=item.error)
+                    elif sexes[item.index] is None:
+                        row.update(status="error", message=f"{path}: sex unknown; pass --sex M|F or --metadata CSV")
+                    else:
+                        ready.append(item)
+                    rows[item.index] = row
+                if ready:
+                    images = torch.stack([item.image for item in ready])  # type: ignore[misc]
+                    male = torch.tensor([int(bool(sexes[item.index])) for item in ready])
+                    months, stages = self.predict_tensor(images, male)
+                    for item, age, stage in zip(ready, months.tolist(), stages.tolist()):
+                        regression = age == age  # not NaN
+                        rows[item.index].update(
+                            bone_age_months=round(age, 2) if regression else None,
+                            bone_age=format_age(age) if regression else None,
+                            stage=STAGE_NAMES[stage],
+                            status="ok",
+                            message="",
+                        )
+                for index in sorted(rows):
+                    yield rows[index]
+                bar.update(len(items))
+
+
+def predict_paths(
+    paths: Sequence[str | Path],
+    output: str | Path,
+    model_dir: str | Path | None = None,
+    metadata: str | Path | None = None,
+    sex: str | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
+
+    Args:
+        paths: image files and/or folders.
+        output: the prediction CSV (``id,path,male,bone_age_months,bone_age,stage,status,message``).
+        model_dir: a model folder; the packaged default model when None.
+        metadata: CSV with ``id,male`` per image id (file stem); overrides ``sex`` for the ids it lists.
+        sex: ``M`` or ``F`` for every image.
+
+    Returns:
+        The predictions as a frame (also written to ``output``).
+    """
+    default_sex = None
+    if sex is not None:
+        default_sex = parse_sex(sex)
+        if default_sex is None:
+            raise ValueError(f"--sex: expected M or F, got {sex!r}")
+    files = collect_images(paths)
+    if not files:
+        raise ValueError(f"no images found in {', '.join(map(str, paths))} (expected .png/.jpg/.jpeg/.dcm files)")
+    table = read_metadata(metadata) if metadata else None
+    sexes: list[bool | None] = []
+    for path in files:
+        value = default_sex
+        if table is not None and path.stem in table.index and "male" in table.columns:
+            value = parse_sex(table.at[path.stem, "male"])
+        sexes.append(value)
+    predictor = Predictor.load(model_dir)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(output, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress):
+            writer.writerow(row)
+            handle.flush()
+            rows.append(row)
+    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from boneage.cli import main
+from boneage.data import DataValidationError
+from boneage.evaluate import evaluate, regression_metrics, stage_metrics
+
+
+def test_regression_metrics_by_hand():
+    truth = np.array([10.0, 20.0, 30.0, 40.0])
+    predicted = np.array([12.0, 18.0, 36.0, 40.0])  # errors +2, -2, +6, 0
+    m = regression_metrics(truth, predicted)
+    assert m["mae_months"] == pytest.approx(2.5) and m["mae_years"] == pytest.approx(2.5 / 12)
+    assert m["rmse_months"] == pytest.approx(np.sqrt((4 + 4 + 36 + 0) / 4))
+    assert m["r2"] == pytest.approx(1 - 44 / 500)  # SS_res 44, SS_tot 500
+    assert m["median_ae_months"] == pytest.approx(2.0)
+    assert m["mean_signed_error_months"] == pytest.approx(1.5)
+    assert m["within_months"] == {"6": 1.0, "12": 1.0, "18": 1.0}
+    assert m["abs_error_percentiles_months"]["50"] == pytest.approx(2.0)
+
+
+def test_stage_metrics_and_qwk_by_hand():
+    true = np.array([0, 1, 2, 3])
+    predicted = np.array([0, 1, 3, 3])
+    m = stage_metrics(true, predicted)
+    assert m["accuracy"] == 0.75
+    assert m["confusion_matrix"] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]]
+    # QWK = 1 - sum(w*O)/sum(w*E), w_ij=(i-j)^2/9; O has one (2,3) cell; E = outer(row, col)/n
+    observed = np.array(m["confusion_matrix"], dtype=float)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    weights = np.subtract.outer(np.arange(4), np.arange(4)) ** 2 / 9
+    assert m["quadratic_weighted_kappa"] == pytest.approx(1 - (weights * observed).sum() / (weights * expected).sum())
+    assert m["quadratic_weighted_kappa"] == pytest.approx(1 - (1 / 9) / (12 / 9))  # = 11/12
+    assert m["per_stage"]["Adolescent"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+
+
+@pytest.fixture
+def files(tmp_path):
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(
+        {"id": ["1", "2", "3", "4", "5"], "boneage": [30, 90, 150, 200, 100], "male": [True, True, False, False, True]}
+    ).to_csv(labels, index=False)
+    preds = tmp_path / "preds.csv"
+    pd.DataFrame(
+        {
+            "id": ["1", "2", "3", "4", "5"],
+            "bone_age_months": [36.0, 84.0, 150.0, 190.0, None],
+            "stage": ["Infant/Toddler", "Child", "Pre-adolescent", "Adolescent", None],
+            "status": ["ok", "ok", "ok", "ok", "error"],
+        }
+    ).to_csv(preds, index=False)
+    return preds, labels
+
+
+def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
+    preds, labels = files
+    metrics = evaluate(preds, labels, tmp_path / "out")
+    assert metrics["n_scored"] == 4 and metrics["n_failed"] == 1 and metrics["failed_ids"] == ["5"]
+    assert metrics["regression"]["mae_months"] == pytest.approx((6 + 6 + 0 + 10) / 4)
+    male, female = metrics["by_sex"]["male"], metrics["by_sex"]["female"]
+    assert (male["n"], male["mae_months"], male["mean_signed_error_months"]) == (2, 6.0, 0.0)
+    assert (female["n"], female["mae_months"], female["mean_signed_error_months"]) == (2, 5.0, -5.0)
+    assert metrics["by_sex"]["mae_gap_months"] == pytest.approx(1.0)
+    assert metrics["stage"]["accuracy"] == 1.0 and metrics["stage"]["agreement_with_regression"] == 1.0
+    assert metrics["by_stage"]["Adolescent"] == {"n": 1, "mae_months": 10.0, "mean_signed_error_months": -10.0}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_scored"] == 4
+    assert "MAE 5.50" in (tmp_path / "out" / "report.txt").read_text()
+
+
+def test_evaluate_rejects_mismatched_ids_and_missing_columns(files, tmp_path):
+    preds, labels = files
+    frame = pd.read_csv(preds, dtype={"id": str})
+    frame.loc[0, "id"] = "999"
+    frame.to_csv(tmp_path / "bad_ids.csv", index=False)
+    with pytest.raises(DataValidationError, match=r"1 prediction id\(s\) not in .*'999'"):
+        evaluate(tmp_path / "bad_ids.csv", labels)
+    frame[["id"]].to_csv(tmp_path / "no_age.csv", index=False)
+    with pytest.raises(DataValidationError, match="expected columns id and bone_age_months"):
+        evaluate(tmp_path / "no_age.csv", labels)
+    assert main(["evaluate", "--predictions", str(tmp_path / "no_age.csv"), "--labels", str(labels)]) == 2

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from boneage.cli import main
+from boneage.config import DataConfig, ModelConfig
+from boneage.model import BoneAgeNet, save_model_folder
+from boneage.predict import PREDICTION_COLUMNS, Predictor, collect_images, format_age, predict_paths
+from tests.conftest import synthetic_radiograph, write_dicom
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
+    return save_model_folder(tmp_path / "model", model, DataConfig(image_size=64))
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    Image.fromarray(synthetic_radiograph(30)).save(folder / "a.png")
+    Image.fromarray(synthetic_radiograph(150)).save(folder / "nested" / "b.jpg")
+    write_dicom(folder / "c.dcm", synthetic_radiograph(90).astype("uint16") * 16)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def test_format_age():
+    assert format_age(182.4) == "15y 2m" and format_age(11.6) == "1y 0m" and format_age(0) == "0y 0m"
+
+
+def test_collect_images_recurses_and_keeps_missing_files(image_folder, tmp_path):
+    found = collect_images([image_folder, image_folder / "a.png", tmp_path / "missing.png"])
+    names = [p.name for p in found]
+    assert names == ["a.png", "broken.png", "c.dcm", "b.jpg", "missing.png"]
+
+
+def test_predict_batch_goes_on_past_bad_files(image_folder, model_dir, tmp_path):
+    out = tmp_path / "preds.csv"
+    metadata = tmp_path / "meta.csv"
+    pd.DataFrame({"id": ["a", "b"], "male": ["M", "F"]}).to_csv(metadata, index=False)
+    table = predict_paths([image_folder], out, model_dir=model_dir, metadata=metadata, progress=False)
+    written = pd.read_csv(out, dtype={"id": str})
+    assert list(written.columns) == PREDICTION_COLUMNS
+    assert written["id"].tolist() == ["a", "broken", "c", "b"]
+    by_id = written.set_index("id")
+    assert by_id.loc["a", "status"] == "ok" and by_id.loc["b", "status"] == "ok"
+    assert "broken.png: cannot decode" in by_id.loc["broken", "message"]
+    assert by_id.loc["c", "status"] == "error" and "sex unknown" in by_id.loc["c", "message"]
+    assert by_id.loc["a", "stage"] in {"Infant/Toddler", "Child", "Pre-adolescent", "Adolescent"}
+    assert 0 < by_id.loc["a", "bone_age_months"] < 400
+    assert len(table) == 4
+
+
+def test_predictions_match_the_model_and_sex_matters(image_folder, model_dir, tmp_path):
+    predictor = Predictor.load(model_dir)
+    female = predict_paths([image_folder / "a.png"], tmp_path / "f.csv", model_dir=model_dir, sex="F", progress=False)
+    male = predict_paths([image_folder / "a.png"], tmp_path / "m.csv", model_dir=model_dir, sex="M", progress=False)
+    from boneage.data import preprocess
+
+    image = preprocess(image_folder / "a.png", predictor.contract)[None]
+    expected, _ = predictor.predict_tensor(image, torch.tensor([0]))
+    assert female["bone_age_months"][0] == pytest.approx(float(expected[0]), abs=0.01)
+    assert female["bone_age_months"][0] != male["bone_age_months"][0]
+
+
+def test_cli_predict_exit_codes(image_folder, model_dir, tmp_path, capsys):
+    good = main(
+        [
+            "predict",
+            str(image_folder / "a.png"),
+            "--model",
+            str(model_dir),
+            "--sex",
+            "F",
+            "--output",
+            str(tmp_path / "one.csv"),
+            "--quiet",
+        ]
+    )
+    assert good == 0 and "a: bone age" in capsys.readouterr().out
+    partial = main(
+        [
+            "predict",
+            str(image_folder),
+            "--model",
+            str(model_dir),
+            "--sex",
+            "M",
+            "--output",
+            str(tmp_path / "all.csv"),
+            "--quiet",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert partial == 3 and "3 predicted, 1 failed" in captured.out and "broken.png" in captured.err
+    assert main(["predict", str(image_folder / "a.png"), "--model", str(model_dir), "--sex", "X"]) == 2
+    assert "--sex: expected M or F" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "empty_dir_absent"), "--model", str(tmp_path / "nope")]) == 2
