@@ -72,6 +72,36 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     assert "MAE 5.50" in (tmp_path / "out" / "report.txt").read_text()
 
 
+def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):
+    preds, labels = files
+    history = tmp_path / "history.json"
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 1 / (e + 1),
+            "val_loss": 1.2 / (e + 1),
+            "train_mae": 20 - e,
+            "val_mae": 22 - e,
+            "val_stage_acc": 0.5,
+            "lr": 1e-3 * (3 - e) / 3,
+            "seconds": 1.0,
+            "step": 10 * e,
+        }
+        for e in range(3)
+    ]
+    history.write_text(json.dumps(rows))
+    evaluate(preds, labels, tmp_path / "out", history=history)
+    from PIL import Image
+
+    for name in ("predicted_vs_actual", "errors", "confusion_matrix", "training_history"):
+        path = tmp_path / "out" / f"{name}.png"
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+        assert pixels.shape[0] > 300 and pixels.std() > 10, name  # drawn, not blank
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'src="errors.png"' in page and "QWK" in page
+
+
 def test_evaluate_rejects_mismatched_ids_and_missing_columns(files, tmp_path):
     preds, labels = files
     frame = pd.read_csv(preds, dtype={"id": str})
@@ -83,3 +113,36 @@ def test_evaluate_rejects_mismatched_ids_and_missing_columns(files, tmp_path):
     with pytest.raises(DataValidationError, match="expected columns id and bone_age_months"):
         evaluate(tmp_path / "no_age.csv", labels)
     assert main(["evaluate", "--predictions", str(tmp_path / "no_age.csv"), "--labels", str(labels)]) == 2
+
+
+def test_blend_weight_is_fit_by_mae():
+    from boneage.ensemble import fit_blend_weight
+
+    truth = np.array([10.0, 20.0, 30.0])
+    assert fit_blend_weight(truth, truth, truth + 50) == 1.0
+    assert fit_blend_weight(truth, truth + 50, truth) == 0.0
+    assert fit_blend_weight(truth, truth + 10, truth - 10) == pytest.approx(0.5)
+
+
+def test_ensemble_protocol_keeps_the_evaluation_half_apart(tmp_path):
+    from boneage.config import DataConfig, ModelConfig
+    from boneage.ensemble import fit_ensemble
+    from boneage.model import BoneAgeNet, save_model_folder
+    from tests.conftest import write_rsna_folder
+
+    labels, images = write_rsna_folder(tmp_path / "data", n=40, size=64)
+    frame = pd.read_csv(labels, dtype=str)
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"id": frame["id"], "split": ["train"] * 24 + ["val"] * 16}).to_csv(split, index=False)
+    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=110, target_scale=60)).eval()
+    model_dir = save_model_folder(tmp_path / "model", model, DataConfig(image_size=64))
+    summary = fit_ensemble(
+        labels, images, split, tmp_path / "ens", model_dir=model_dir, num_workers=0, xgb_params={"n_estimators": 20}
+    )
+    assert (summary["n_train"], summary["n_calibration"], summary["n_evaluation"]) == (24, 8, 8)
+    assert 0.0 <= summary["cnn_weight"] <= 1.0
+    assert set(summary["evaluation_mae_months"]) >= {"cnn", "xgboost", "blend_seed_w0.70"}
+    assert "calibration" in summary["protocol"] and (tmp_path / "ens" / "xgboost.json").is_file()
+    held_out = pd.read_csv(tmp_path / "ens" / "evaluation_half_predictions.csv")
+    assert len(held_out) == 8
+    assert summary["evaluation_mae_months"]["cnn"] == pytest.approx((held_out["cnn"] - held_out["y"]).abs().mean())

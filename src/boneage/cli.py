@@ -126,10 +126,69 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from boneage.evaluate import evaluate, format_report
 
-    metrics = evaluate(args.predictions, args.labels, args.output)
+    metrics = evaluate(args.predictions, args.labels, args.output, history=args.history, figures=not args.no_figures)
     print(format_report(metrics))
     if args.output:
-        print(f"wrote {Path(args.output) / 'metrics.json'} and report.txt")
+        print(f"wrote {args.output}: metrics.json, report.txt" + ("" if args.no_figures else ", figures, report.html"))
+    return 0
+
+
+def _sexes_for(paths: list[Path], sex: str | None, metadata: str | None) -> list[bool]:
+    from boneage.data import parse_sex
+    from boneage.predict import read_metadata
+
+    table = read_metadata(metadata) if metadata else None
+    sexes = []
+    for path in paths:
+        value = parse_sex(sex) if sex else None
+        if table is not None and path.stem in table.index and "male" in table.columns:
+            value = parse_sex(table.at[path.stem, "male"])
+        if value is None:
+            raise ValueError(f"{path}: sex unknown; pass --sex M|F or --metadata CSV with id,male")
+        sexes.append(value)
+    return sexes
+
+
+def _cmd_gradcam(args: argparse.Namespace) -> int:
+    from boneage.explain import gradcam_grid
+    from boneage.predict import Predictor, collect_images
+
+    paths = collect_images(args.paths)[: args.max_images]
+    predictor = Predictor.load(args.model)
+    gradcam_grid(predictor.model, predictor.contract, paths, _sexes_for(paths, args.sex, args.metadata), args.output)
+    print(f"wrote {args.output} ({len(paths)} images)")
+    return 0
+
+
+def _cmd_tsne(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from boneage.data import BoneAgeDataset, read_labels, read_split
+    from boneage.explain import extract_features, plot_tsne
+    from boneage.predict import Predictor
+
+    predictor = Predictor.load(args.model)
+    table = read_labels(args.labels, args.images)
+    if args.split:
+        table = table.merge(read_split(args.split, table), on="id")
+        table = table[table["split"] == args.subset]
+    table = table.sample(n=min(args.max_images, len(table)), random_state=0).reset_index(drop=True)
+    loader = DataLoader(BoneAgeDataset(table, predictor.contract), batch_size=64, num_workers=2)
+    features, ages, male = extract_features(predictor.model, loader)
+    plot_tsne(features, ages, male, args.output)
+    print(f"wrote {args.output} ({len(table)} images)")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from boneage.ensemble import fit_ensemble
+
+    summary = fit_ensemble(args.labels, args.images, args.split, args.output, model_dir=args.model, seed=args.seed)
+    print(f"CNN weight fitted on the calibration half of val: {summary['cnn_weight']:.2f}")
+    print(f"MAE on the evaluation half of val (n={summary['n_evaluation']}, used for neither fitting nor selection):")
+    for name, value in summary["evaluation_mae_months"].items():
+        print(f"  {name:<22} {value:.2f} months")
+    print(f"wrote {args.output}/ensemble.json and xgboost.json")
     return 0
 
 
@@ -173,8 +232,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score a prediction CSV against labels (MAE, QWK, per sex ...)")
     evaluate.add_argument("--predictions", required=True, help="CSV from boneage predict (id,bone_age_months,...)")
     evaluate.add_argument("--labels", required=True, help="CSV with id,boneage,male")
-    evaluate.add_argument("--output", help="folder for metrics.json and report.txt")
+    evaluate.add_argument("--output", help="folder for metrics.json, report.txt, figures and report.html")
+    evaluate.add_argument("--history", help="a run's history.json, for the training-history figure")
+    evaluate.add_argument("--no-figures", action="store_true", help="metrics only")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    gradcam = commands.add_parser("gradcam", help="Grad-CAM grid (image, heatmap, overlay) for a few radiographs")
+    gradcam.add_argument("paths", nargs="+", metavar="PATH")
+    gradcam.add_argument("--model", help="model folder (default: the shipped model)")
+    gradcam.add_argument("--sex", help="M or F for every image")
+    gradcam.add_argument("--metadata", help="CSV with id,male")
+    gradcam.add_argument("--max-images", type=int, default=8)
+    gradcam.add_argument("--output", default="gradcam.png")
+    gradcam.set_defaults(func=_cmd_gradcam)
+
+    tsne = commands.add_parser("tsne", help="t-SNE of the model's features, coloured by bone age and by sex")
+    tsne.add_argument("--labels", required=True)
+    tsne.add_argument("--images", required=True)
+    tsne.add_argument("--split", help="id,split CSV; with --subset, only that part")
+    tsne.add_argument("--subset", default="val")
+    tsne.add_argument("--model", help="model folder (default: the shipped model)")
+    tsne.add_argument("--max-images", type=int, default=1000)
+    tsne.add_argument("--output", default="tsne.png")
+    tsne.set_defaults(func=_cmd_tsne)
+
+    ensemble = commands.add_parser("ensemble", help="XGBoost on CNN features + a blend weight fit on half of val")
+    ensemble.add_argument("--labels", required=True)
+    ensemble.add_argument("--images", required=True)
+    ensemble.add_argument("--split", required=True, help="id,split CSV with train and val")
+    ensemble.add_argument("--model", help="model folder (default: the shipped model)")
+    ensemble.add_argument("--seed", type=int, default=0, help="seed of the val halving and XGBoost")
+    ensemble.add_argument("--output", required=True)
+    ensemble.set_defaults(func=_cmd_ensemble)
 
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)

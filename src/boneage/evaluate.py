@@ -145,8 +145,17 @@ def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
     return metrics
 
 
-def evaluate(predictions: str | Path, labels: str | Path, output: str | Path | None = None) -> dict[str, Any]:
-    """Join predictions to labels by id and score them; writes ``metrics.json`` and ``report.txt`` to ``output``.
+def evaluate(
+    predictions: str | Path,
+    labels: str | Path,
+    output: str | Path | None = None,
+    history: str | Path | None = None,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Join predictions to labels by id and score them.
+
+    With ``output``: writes ``metrics.json``, ``report.txt``, the figures (predicted vs actual, errors, confusion
+    matrix, and training history from a run's ``history.json`` when ``history`` is given) and ``report.html``.
 
     Raises:
         DataValidationError: missing columns, or prediction ids that are not in the labels.
@@ -174,8 +183,14 @@ def evaluate(predictions: str | Path, labels: str | Path, output: str | Path | N
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
+        text = format_report(metrics)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (output / "report.txt").write_text(format_report(metrics))
+        (output / "report.txt").write_text(text)
+        if figures:
+            from boneage.report import write_figures, write_html
+
+            made = write_figures(joined, metrics, output, Path(history) if history else None)
+            write_html(metrics, text, made, output)
     return metrics
 
 

@@ -1,0 +1,144 @@
+"""Explainability: Grad-CAM heatmaps (pytorch-grad-cam) for the bone-age output, and t-SNE of the learned features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from boneage.data import STAGE_NAMES, load_resized, normalize
+from boneage.model import BoneAgeNet
+
+
+class _FixedSex(nn.Module):
+    """``image -> output`` with the sex bound, as Grad-CAM libraries call ``model(image)``; regression -> (B, 1)."""
+
+    def __init__(self, model: BoneAgeNet, male: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.male = male
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.model(image, self.male)
+        return out[:, None] if out.ndim == 1 else out
+
+
+def gradcam_layer(model: BoneAgeNet) -> nn.Module:
+    """The last convolutional feature map: EfficientNet's ``bn2`` (after ``conv_head``), else timm's last stage."""
+    backbone = model.backbone
+    if hasattr(backbone, "conv_head") and hasattr(backbone, "bn2"):
+        return backbone.bn2
+    return backbone.get_submodule(backbone.feature_info[-1]["module"])
+
+
+def grad_cam(model: BoneAgeNet, images: torch.Tensor, male: torch.Tensor, stage: int | None = None) -> np.ndarray:
+    """Grad-CAM heatmaps (B, S, S) in [0, 1] for normalised images (B, C, S, S).
+
+    The target is the predicted bone age for a regression model (regions that push the age up), or the logit of
+    ``stage`` (default: the predicted stage) for a classifier.
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    wrapped = _FixedSex(model.eval(), male.long())
+    if model.num_outputs == 1:
+        targets = [ClassifierOutputTarget(0)] * len(images)
+    else:
+        with torch.no_grad():
+            predicted = wrapped(images).argmax(dim=1).tolist()
+        targets = [ClassifierOutputTarget(stage if stage is not None else p) for p in predicted]
+    with GradCAM(model=wrapped, target_layers=[gradcam_layer(model)]) as cam:
+        heatmaps = cam(input_tensor=images, targets=targets)  # (B, S, S), upsampled to the input size
+    return np.asarray(heatmaps, dtype=np.float32)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
+    """A grayscale image (S, S) in [0, 1] with its heatmap in the jet colormap: (S, S, 3) uint8 RGB."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=image_weight)
+
+
+def gradcam_grid(
+    model: BoneAgeNet,
+    contract: Any,
+    paths: Sequence[str | Path],
+    male: Sequence[bool],
+    output: str | Path,
+    titles: Sequence[str] | None = None,
+) -> Path:
+    """A figure with one row per image: the radiograph, its Grad-CAM heatmap and the overlay."""
+    from boneage.report import _pyplot
+
+    plt = _pyplot()
+    raw = torch.stack([load_resized(p, contract) for p in paths])  # (B, 1, S, S) in [0, 1]
+    images = torch.stack([normalize(r, contract) for r in raw])
+    sex = torch.tensor([int(m) for m in male])
+    heatmaps = grad_cam(model, images, sex)
+    with torch.no_grad():
+        outputs = model.eval()(images, sex)
+    fig, axes = plt.subplots(len(paths), 3, figsize=(9, 3.1 * len(paths)), dpi=110, squeeze=False)
+    for i, path in enumerate(paths):
+        gray = raw[i, 0].numpy()
+        prediction = f"{float(outputs[i]):.1f} months" if outputs.ndim == 1 else STAGE_NAMES[int(outputs[i].argmax())]
+        title = titles[i] if titles else Path(path).stem
+        axes[i, 0].imshow(gray, cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(f"{title} ({'M' if male[i] else 'F'})", fontsize=9)
+        axes[i, 1].imshow(heatmaps[i], cmap="jet", vmin=0, vmax=1)
+        axes[i, 1].set_title("Grad-CAM", fontsize=9)
+        axes[i, 2].imshow(overlay(gray, heatmaps[i]))
+        axes[i, 2].set_title(f"predicted {prediction}", fontsize=9)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    plt.close(fig)
+    return output
+
+
+@torch.inference_mode()
+def extract_features(model: BoneAgeNet, loader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``forward_features`` for every batch of a sample-dict loader: (features (N, F), ages (N,), male (N,))."""
+    model.eval()
+    features, ages, male = [], [], []
+    for batch in loader:
+        images = batch["image"].contiguous(memory_format=torch.channels_last)
+        features.append(model.forward_features(images, batch["male"]).float().numpy())
+        ages.append(batch["age_months"].numpy())
+        male.append(batch["male"].numpy())
+    return np.concatenate(features), np.concatenate(ages), np.concatenate(male).astype(bool)
+
+
+def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: str | Path, seed: int = 0) -> Path:
+    """t-SNE of the penultimate features, side by side coloured by bone age and by sex."""
+    from sklearn.manifold import TSNE
+
+    from boneage.report import _pyplot
+
+    plt = _pyplot()
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
+    points = left.scatter(embedded[:, 0], embedded[:, 1], c=ages, cmap="viridis", s=6)
+    fig.colorbar(points, ax=left, label="bone age (months)")
+    left.set_title(f"t-SNE of the learned features (n={len(features)}), by bone age")
+    for is_male, color, name in ((True, "tab:blue", "male"), (False, "tab:orange", "female")):
+        mask = male == is_male
+        right.scatter(embedded[mask, 0], embedded[mask, 1], s=6, color=color, alpha=0.6, label=name)
+    right.set_title("by sex")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    plt.close(fig)
+    return output
