@@ -108,6 +108,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=not args.quiet,
+        backend=args.backend,
     )
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
@@ -192,6 +193,22 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from boneage.export import export_onnx
+
+    report = export_onnx(
+        args.output,
+        model_dir=args.model,
+        int8=args.int8,
+        calibration=args.calibration or (),
+        parity_images=args.parity_images or (),
+        opset=args.opset,
+    )
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
     parser.add_argument("--version", action="version", version=f"boneage {__version__}")
@@ -220,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
         "status/message columns); 2: bad arguments or model.",
     )
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    predict.add_argument("--model", help="model folder (default: the model shipped with the package)")
+    predict.add_argument(
+        "--model", help="model folder (default: the shipped model), or an .onnx file with --backend onnx"
+    )
+    predict.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="inference engine")
     predict.add_argument("--metadata", help="CSV with id,male per image id (the file stem)")
     predict.add_argument("--sex", help="M or F, for every image without metadata")
     predict.add_argument("--output", default="predictions.csv", help="prediction CSV (default: predictions.csv)")
@@ -265,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--output", required=True)
     ensemble.set_defaults(func=_cmd_ensemble)
 
+    export = commands.add_parser("export", help="export a model folder to ONNX (dynamic batch), with a parity check")
+    export.add_argument("--format", default="onnx", choices=("onnx",))
+    export.add_argument("--model", help="model folder (default: the shipped model)")
+    export.add_argument("--output", required=True, help="the .onnx file")
+    export.add_argument("--int8", action="store_true", help="static int8 quantisation (needs --calibration)")
+    export.add_argument("--calibration", nargs="+", metavar="PATH", help="images for int8 calibration")
+    export.add_argument("--parity-images", nargs="+", metavar="PATH", help="real images for the parity check")
+    export.add_argument("--opset", type=int, default=18)
+    export.set_defaults(func=_cmd_export)
+
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)
     validate.add_argument("--images", required=True)
@@ -282,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from boneage.data import DataValidationError, ImageReadError
+    from boneage.export import ExportError
     from boneage.model import ModelFolderError, PretrainedWeightsError
 
     try:
@@ -292,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImageReadError,
         ModelFolderError,
         PretrainedWeightsError,
+        ExportError,
+        ImportError,
         FileNotFoundError,
         FileExistsError,
         ValueError,

@@ -110,7 +110,16 @@ class Predictor:
         self.task = description["model"]["task"]
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None) -> Predictor:
+    def load(cls, model_dir: str | Path | None = None, backend: str = "torch") -> Predictor:
+        """A model folder on PyTorch (``backend="torch"``), or an exported ``.onnx`` file (``backend="onnx"``)."""
+        if backend == "onnx":
+            from boneage.export import OnnxPredictor
+
+            if model_dir is None:
+                raise ValueError("--backend onnx needs --model FILE.onnx (made by `boneage export`)")
+            return OnnxPredictor(model_dir)
+        if backend != "torch":
+            raise ValueError(f"--backend: expected torch or onnx, got {backend!r}")
         folder = Path(model_dir) if model_dir else default_model_dir()
         model, description = load_model_folder(folder)
         return cls(model, description, folder)
@@ -180,6 +189,7 @@ def predict_paths(
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = True,
+    backend: str = "torch",
 ) -> pd.DataFrame:
     """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
 
@@ -189,6 +199,7 @@ def predict_paths(
         model_dir: a model folder; the packaged default model when None.
         metadata: CSV with ``id,male`` per image id (file stem); overrides ``sex`` for the ids it lists.
         sex: ``M`` or ``F`` for every image.
+        backend: ``torch`` (a model folder) or ``onnx`` (``model_dir`` is an exported ``.onnx`` file).
 
     Returns:
         The predictions as a frame (also written to ``output``).
@@ -208,7 +219,7 @@ def predict_paths(
         if table is not None and path.stem in table.index and "male" in table.columns:
             value = parse_sex(table.at[path.stem, "male"])
         sexes.append(value)
-    predictor = Predictor.load(model_dir)
+    predictor = Predictor.load(model_dir, backend)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []

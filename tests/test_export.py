@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from boneage.cli import main
+from boneage.config import DataConfig, ModelConfig
+from boneage.export import METADATA_KEY, ExportError, OnnxPredictor, export_onnx
+from boneage.model import BoneAgeNet, save_model_folder
+from boneage.predict import predict_paths
+from tests.conftest import synthetic_radiograph
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
+    model_dir = save_model_folder(root / "model", model, DataConfig(image_size=64))
+    images = root / "images"
+    images.mkdir()
+    for i, age in enumerate(np.linspace(10, 220, 12)):
+        Image.fromarray(synthetic_radiograph(age, size=80, seed=i)).save(images / f"{i}.png")
+    return model_dir, images
+
+
+def test_export_roundtrip_parity_and_metadata(tiny, tmp_path):
+    model_dir, images = tiny
+    report = export_onnx(tmp_path / "m.onnx", model_dir=model_dir, parity_images=[images])
+    assert report["max_abs_diff_random"] <= 0.05 and report["max_abs_diff_real"] <= 0.05
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    assert meta["data_contract"]["image_size"] == 64 and meta["onnx"]["int8"] is False
+    assert [i.name for i in proto.graph.input] == ["image", "male"]
+
+
+def test_onnx_backend_gives_the_same_csv_as_pytorch(tiny, tmp_path):
+    model_dir, images = tiny
+    export_onnx(tmp_path / "m.onnx", model_dir=model_dir)
+    torch_rows = predict_paths([images], tmp_path / "t.csv", model_dir=model_dir, sex="F", progress=False)
+    onnx_rows = predict_paths(
+        [images], tmp_path / "o.csv", model_dir=tmp_path / "m.onnx", sex="F", progress=False, backend="onnx"
+    )
+    assert torch_rows["id"].tolist() == onnx_rows["id"].tolist()
+    np.testing.assert_allclose(onnx_rows["bone_age_months"], torch_rows["bone_age_months"], atol=0.05)
+    assert (onnx_rows["stage"] == torch_rows["stage"]).all()
+    assert (
+        main(
+            [
+                "predict",
+                str(images),
+                "--backend",
+                "onnx",
+                "--model",
+                str(tmp_path / "m.onnx"),
+                "--sex",
+                "M",
+                "--output",
+                str(tmp_path / "cli.csv"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert len(pd.read_csv(tmp_path / "cli.csv")) == 12
+
+
+def test_int8_export_needs_calibration_and_stays_close(tiny, tmp_path):
+    model_dir, images = tiny
+    with pytest.raises(ExportError, match="--calibration"):
+        export_onnx(tmp_path / "q.onnx", model_dir=model_dir, int8=True)
+    report = export_onnx(
+        tmp_path / "q.onnx", model_dir=model_dir, int8=True, calibration=[images], parity_images=[images]
+    )
+    assert report["int8"] is True and not (tmp_path / "q.fp32.onnx").exists()
+    assert report["max_abs_diff_real"] < 10.0  # months; a random-weight toy, the real-model MAE change is benchmarked
+    predictor = OnnxPredictor(tmp_path / "q.onnx")
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    assert predictor.contract.image_size == 64
+
+
+def test_onnx_file_without_metadata_is_refused(tmp_path):
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ExportError, match="no 'boneage.config' metadata"):
+        OnnxPredictor(tmp_path / "plain.onnx")
