@@ -66,7 +66,8 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     assert (male["n"], male["mae_months"], male["mean_signed_error_months"]) == (2, 6.0, 0.0)
     assert (female["n"], female["mae_months"], female["mean_signed_error_months"]) == (2, 5.0, -5.0)
     assert metrics["by_sex"]["mae_gap_months"] == pytest.approx(1.0)
-    assert metrics["stage"]["accuracy"] == 1.0 and metrics["stage"]["agreement_with_regression"] == 1.0
+    assert "stage" not in metrics  # a regressor's stage column is its bone age binned, not a second model
+    assert metrics["stage_from_regression"]["accuracy"] == 1.0
     assert metrics["by_stage"]["Adolescent"] == {"n": 1, "mae_months": 10.0, "mean_signed_error_months": -10.0}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_scored"] == 4
     assert "MAE 5.50" in (tmp_path / "out" / "report.txt").read_text()
@@ -100,6 +101,21 @@ def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):
         assert pixels.shape[0] > 300 and pixels.std() > 10, name  # drawn, not blank
     page = (tmp_path / "out" / "report.html").read_text()
     assert 'src="errors.png"' in page and "QWK" in page
+
+
+def test_classifier_stages_and_agreement_with_the_regressor(files, tmp_path):
+    preds, labels = files
+    classifier = tmp_path / "cls.csv"
+    pd.DataFrame({"id": ["1", "2", "3", "4"], "stage": ["Child", "Child", "Pre-adolescent", "Pre-adolescent"]}).to_csv(
+        classifier, index=False
+    )
+    metrics = evaluate(preds, labels, stage_predictions=classifier)
+    assert metrics["stage"]["accuracy"] == 0.5  # true stages 0, 1, 2, 3
+    assert metrics["stage"]["agreement_with_regression"] == 0.5  # regression stages 0, 1, 2, 3
+    assert metrics["stage"]["confusion_matrix"][0] == [0, 1, 0, 0]
+    pd.DataFrame({"id": ["1"], "stage": ["Child"]}).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(DataValidationError, match="3 id"):
+        evaluate(preds, labels, stage_predictions=tmp_path / "short.csv")
 
 
 def test_evaluate_rejects_mismatched_ids_and_missing_columns(files, tmp_path):
@@ -146,3 +162,34 @@ def test_ensemble_protocol_keeps_the_evaluation_half_apart(tmp_path):
     held_out = pd.read_csv(tmp_path / "ens" / "evaluation_half_predictions.csv")
     assert len(held_out) == 8
     assert summary["evaluation_mae_months"]["cnn"] == pytest.approx((held_out["cnn"] - held_out["y"]).abs().mean())
+
+
+def test_report_command_gathers_every_figure(tmp_path):
+    from boneage.config import DataConfig, ModelConfig
+    from boneage.model import BoneAgeNet, save_model_folder
+    from tests.conftest import write_rsna_folder
+
+    labels, images = write_rsna_folder(tmp_path / "data", n=24, size=64)
+    torch_model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=110, target_scale=60)).eval()
+    history = [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "train_mae": 30.0, "val_mae": 31.0,
+                "val_stage_acc": 0.3, "lr": 1e-3, "seconds": 1.0, "step": 3}]
+    model_dir = save_model_folder(tmp_path / "model", torch_model, DataConfig(image_size=64),
+                                  training={"history": history}, metrics={"selected_on": "val"})
+    classifier_dir = save_model_folder(
+        tmp_path / "cls", BoneAgeNet(ModelConfig(task="classification", pretrained="none")), DataConfig(image_size=64)
+    )
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"id": pd.read_csv(labels, dtype=str)["id"], "split": ["train"] * 12 + ["val"] * 12}).to_csv(
+        split, index=False
+    )
+    code = main(["report", "--labels", str(labels), "--images", str(images), "--split", str(split),
+                 "--model", str(model_dir), "--classifier", str(classifier_dir), "--tsne-images", "12",
+                 "--gradcam-images", "2", "--output", str(tmp_path / "report")])
+    assert code == 0
+    out = tmp_path / "report"
+    page = (out / "report.html").read_text()
+    for name in ("predicted_vs_actual", "errors", "confusion_matrix", "training_history", "gradcam", "tsne"):
+        assert (out / f"{name}.png").stat().st_size > 10_000 and f'src="{name}.png"' in page
+    assert "selection metrics" in page
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_scored"] == 12 and "agreement_with_regression" in metrics["stage"]

@@ -127,7 +127,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from boneage.evaluate import evaluate, format_report
 
-    metrics = evaluate(args.predictions, args.labels, args.output, history=args.history, figures=not args.no_figures)
+    metrics = evaluate(
+        args.predictions,
+        args.labels,
+        args.output,
+        history=args.history,
+        figures=not args.no_figures,
+        stage_predictions=args.stage_predictions,
+    )
     print(format_report(metrics))
     if args.output:
         print(f"wrote {args.output}: metrics.json, report.txt" + ("" if args.no_figures else ", figures, report.html"))
@@ -209,6 +216,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from boneage.report import build_report
+
+    build_report(
+        args.labels,
+        args.images,
+        args.output,
+        model_dir=args.model,
+        split=args.split,
+        subset=args.subset,
+        classifier_dir=args.classifier,
+        ensemble=args.ensemble,
+        gradcam_images=args.gradcam_images,
+        tsne_images=args.tsne_images,
+    )
+    print(f"wrote {Path(args.output) / 'report.html'} (metrics.json, report.txt and figures beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
     parser.add_argument("--version", action="version", version=f"boneage {__version__}")
@@ -255,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="folder for metrics.json, report.txt, figures and report.html")
     evaluate.add_argument("--history", help="a run's history.json, for the training-history figure")
     evaluate.add_argument("--no-figures", action="store_true", help="metrics only")
+    evaluate.add_argument("--stage-predictions", help="a stage classifier's prediction CSV for the same images")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     gradcam = commands.add_parser("gradcam", help="Grad-CAM grid (image, heatmap, overlay) for a few radiographs")
@@ -294,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--parity-images", nargs="+", metavar="PATH", help="real images for the parity check")
     export.add_argument("--opset", type=int, default=18)
     export.set_defaults(func=_cmd_export)
+
+    report = commands.add_parser(
+        "report", help="full evaluation of a model on a labelled subset: metrics, every figure, report.html"
+    )
+    report.add_argument("--labels", required=True)
+    report.add_argument("--images", required=True)
+    report.add_argument("--split", help="id,split CSV; --subset picks the part to report on")
+    report.add_argument("--subset", default="val")
+    report.add_argument("--model", help="regression model folder (default: the shipped model)")
+    report.add_argument("--classifier", help="a stage classifier's model folder, scored and compared")
+    report.add_argument("--ensemble", action="store_true", help="also fit and score the XGBoost ensemble")
+    report.add_argument("--gradcam-images", type=int, default=8)
+    report.add_argument("--tsne-images", type=int, default=1000)
+    report.add_argument("--output", required=True)
+    report.set_defaults(func=_cmd_report)
 
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)

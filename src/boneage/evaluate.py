@@ -135,13 +135,20 @@ def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
             for i, name in enumerate(STAGE_NAMES)
             if (true_stage == i).any()
         }
-    if "stage" in joined.columns and joined["stage"].notna().all():
-        predicted_stage = _stage_index(joined["stage"])
+    # The classifier's stages: a separate column (from --stage-predictions), or the file's own `stage` column
+    # when the file holds no bone ages (a classifier's prediction file). A regressor's `stage` column is only its
+    # bone age binned, already scored above as stage_from_regression.
+    classifier = None
+    if "classifier_stage" in joined.columns:
+        classifier = joined["classifier_stage"]
+    elif not has_age and "stage" in joined.columns and joined["stage"].notna().all():
+        classifier = joined["stage"]
+    if classifier is not None:
+        predicted_stage = _stage_index(classifier)
         metrics["stage"] = stage_metrics(true_stage, predicted_stage)
         if has_age:
-            metrics["stage"]["agreement_with_regression"] = float(
-                (predicted_stage == stage_of(joined["bone_age_months"].to_numpy(dtype=float))).mean()
-            )
+            regression_stage = stage_of(joined["bone_age_months"].to_numpy(dtype=float))
+            metrics["stage"]["agreement_with_regression"] = float((predicted_stage == regression_stage).mean())
     return metrics
 
 
@@ -151,11 +158,14 @@ def evaluate(
     output: str | Path | None = None,
     history: str | Path | None = None,
     figures: bool = True,
+    stage_predictions: str | Path | None = None,
 ) -> dict[str, Any]:
     """Join predictions to labels by id and score them.
 
     With ``output``: writes ``metrics.json``, ``report.txt``, the figures (predicted vs actual, errors, confusion
     matrix, and training history from a run's ``history.json`` when ``history`` is given) and ``report.html``.
+    ``stage_predictions``: a stage classifier's prediction CSV (``id,stage``) for the same images; scored as the
+    classifier and compared with the stage implied by the regression.
 
     Raises:
         DataValidationError: missing columns, or prediction ids that are not in the labels.
@@ -170,6 +180,18 @@ def evaluate(
     failed = preds[preds["status"] != "ok"]
     scored = preds[preds["status"] == "ok"].drop(columns=["male"], errors="ignore")
     joined = scored.merge(truth[["id", "boneage", "male"]], on="id", how="inner")
+    if stage_predictions is not None:
+        stages = read_predictions(stage_predictions)
+        stages = stages[stages["status"] == "ok"]
+        if "stage" not in stages.columns:
+            raise DataValidationError(str(stage_predictions), ["expected a stage column"])
+        missing = sorted(set(joined["id"]) - set(stages["id"]))
+        if missing:
+            raise DataValidationError(
+                str(stage_predictions),
+                [f"{len(missing)} id(s) scored here have no stage prediction, e.g. {missing[:10]}"],
+            )
+        joined = joined.merge(stages[["id", "stage"]].rename(columns={"stage": "classifier_stage"}), on="id")
     if joined.empty:
         raise DataValidationError(str(predictions), ["no successful predictions to score"])
     metrics = {

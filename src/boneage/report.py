@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,10 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
     return path
 
 
-def plot_history(history_json: Path, path: Path) -> Path:
-    """Loss, MAE (or stage accuracy) and learning rate per epoch from a run's ``history.json``."""
+def plot_history(history: Path | list[dict[str, Any]], path: Path) -> Path:
+    """Loss, MAE (or stage accuracy) and learning rate per epoch, from a run's ``history.json`` or its rows."""
     plt = _pyplot()
-    rows = pd.DataFrame(json.loads(Path(history_json).read_text()))
+    rows = pd.DataFrame(json.loads(Path(history).read_text()) if isinstance(history, (str, Path)) else history)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=120)
     axes[0].plot(rows["epoch"], rows["train_loss"], "o-", label="train")
     axes[0].plot(rows["epoch"], rows["val_loss"], "o-", label="val")
@@ -144,18 +145,23 @@ def write_figures(
     if stage:
         title = "Stage confusion matrix" + ("" if "stage" in metrics else " (stage of the predicted bone age)")
         figures.append(plot_confusion(stage["confusion_matrix"], output / "confusion_matrix.png", title))
-    if history is not None and Path(history).is_file():
+    if isinstance(history, list) and history:
+        figures.append(plot_history(history, output / "training_history.png"))
+    elif isinstance(history, (str, Path)) and Path(history).is_file():
         figures.append(plot_history(Path(history), output / "training_history.png"))
     return figures
 
 
-def write_html(metrics: dict[str, Any], text_report: str, figures: list[Path], output: Path) -> Path:
-    """``report.html``: the text report and every figure, readable in a browser without the code."""
+def write_html(
+    metrics: dict[str, Any], text_report: str, figures: list[Path], output: Path, notes: Sequence[str] = ()
+) -> Path:
+    """``report.html``: notes, the text report and every figure, readable in a browser without the code."""
     images = "\n".join(
         f'<figure><img src="{html.escape(f.name)}" alt="{html.escape(f.stem)}"><figcaption>{html.escape(f.stem)}'
         "</figcaption></figure>"
         for f in figures
     )
+    notes_html = "".join(f"<p>{html.escape(note)}</p>" for note in notes)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>boneage evaluation</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
@@ -163,6 +169,7 @@ pre{{background:#f6f6f6;padding:1em;overflow-x:auto}} img{{max-width:100%}} figu
 </head><body>
 <h1>boneage evaluation</h1>
 <p>{metrics.get("n_scored")} images scored, {metrics.get("n_failed")} failed.</p>
+{notes_html}
 <pre>{html.escape(text_report)}</pre>
 {images}
 </body></html>
@@ -170,3 +177,106 @@ pre{{background:#f6f6f6;padding:1em;overflow-x:auto}} img{{max-width:100%}} figu
     path = output / "report.html"
     path.write_text(page)
     return path
+
+
+def build_report(
+    labels: str | Path,
+    images: str | Path,
+    output: str | Path,
+    model_dir: str | Path | None = None,
+    split: str | Path | None = None,
+    subset: str = "val",
+    classifier_dir: str | Path | None = None,
+    ensemble: bool = False,
+    gradcam_images: int = 8,
+    tsne_images: int = 1000,
+) -> dict[str, Any]:
+    """Everything for one model on one labelled subset, in ``output``: predictions, metrics, every figure (incl.
+    Grad-CAM, t-SNE and the training history stored in the model folder), the XGBoost ensemble if asked, and
+    ``report.html`` that gathers them."""
+    from boneage.data import read_labels, read_split, stage_of
+    from boneage.evaluate import evaluate, format_report
+    from boneage.explain import gradcam_grid
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    table = read_labels(labels, images)
+    if split:
+        table = table.merge(read_split(split, table), on="id")
+        table = table[table["split"] == subset].reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"no labelled images in subset {subset!r}")
+    from boneage.predict import Predictor, predict_paths
+
+    metadata = output / "metadata.csv"
+    table[["id", "male"]].to_csv(metadata, index=False)
+    paths = table["path"].tolist()
+    predict_paths(paths, output / "predictions.csv", model_dir=model_dir, metadata=metadata, progress=False)
+    stage_csv = None
+    if classifier_dir:
+        stage_csv = output / "predictions_stage_classifier.csv"
+        predict_paths(paths, stage_csv, model_dir=classifier_dir, metadata=metadata, progress=False)
+    predictor = Predictor.load(model_dir)
+    history = predictor.description.get("training", {}).get("history") or None
+    metrics = evaluate(
+        output / "predictions.csv", labels, output, history=history, figures=False, stage_predictions=stage_csv
+    )
+    joined = pd.read_csv(output / "predictions.csv", dtype={"id": str}).merge(
+        table[["id", "boneage", "male"]].rename(columns={"male": "male_true"}), on="id"
+    )
+    joined = joined[joined["status"] == "ok"].assign(male=lambda f: f["male_true"])
+    figures = write_figures(joined, metrics, output, history)
+
+    # Grad-CAM on a spread of cases: for each stage, one female and one male, while images last
+    picks = []
+    for stage in range(len(STAGE_NAMES)):
+        for male in (False, True):
+            rows = table[(stage_of(table["boneage"].to_numpy()) == stage) & (table["male"] == male)]
+            if len(rows):
+                picks.append(rows.iloc[len(rows) // 2])
+    picks = picks[:gradcam_images]
+    if picks:
+        titles = [f"{p['id']}: reference {p['boneage']:g} m" for p in picks]
+        figures.append(
+            gradcam_grid(
+                predictor.model,
+                predictor.contract,
+                [p["path"] for p in picks],
+                [bool(p["male"]) for p in picks],
+                output / "gradcam.png",
+                titles=titles,
+            )
+        )
+    if tsne_images > 1:
+        from torch.utils.data import DataLoader
+
+        from boneage.data import BoneAgeDataset
+        from boneage.explain import extract_features, plot_tsne
+
+        sample = table.sample(n=min(tsne_images, len(table)), random_state=0).reset_index(drop=True)
+        loader = DataLoader(BoneAgeDataset(sample, predictor.contract), batch_size=64)
+        figures.append(plot_tsne(*extract_features(predictor.model, loader), output / "tsne.png"))
+
+    notes = [f"Model: {predictor.model_dir}. Images: the {subset!r} subset of {split or labels} (n={len(table)})."]
+    selection = predictor.description.get("metrics", {}).get("selected_on")
+    if selection == subset:
+        notes.append(
+            f"Caution: the model's best epoch was selected on {subset!r}, so these are selection metrics, "
+            "not an independent test result."
+        )
+    text = format_report(metrics)
+    if ensemble:
+        if not split:
+            raise ValueError("the ensemble needs --split (train to fit XGBoost, val halves to blend and score)")
+        from boneage.ensemble import fit_ensemble
+
+        summary = fit_ensemble(labels, images, split, output / "ensemble", model_dir=model_dir)
+        metrics["ensemble"] = summary
+        text += "\nXGBoost ensemble (MAE in months on the evaluation half of val)\n"
+        text += f"  protocol: {summary['protocol']}\n"
+        text += f"  CNN weight fitted on the calibration half: {summary['cnn_weight']:.2f}\n"
+        text += "".join(f"  {k:<22} {v:.2f}\n" for k, v in summary["evaluation_mae_months"].items())
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output / "report.txt").write_text(text)
+    write_html(metrics, text, figures, output, notes)
+    return metrics

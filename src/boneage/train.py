@@ -349,7 +349,12 @@ def run_training(config: Config, resume: bool = False) -> Path:
             "n_train": len(train_ds),
             "n_val": len(val_ds),
         }
-        training = {"config": config.to_dict(), "data": {"labels": config.data.labels, "split": config.data.split}}
+        history_file = run_dir / "history.json"
+        training = {
+            "config": config.to_dict(),
+            "data": {"labels": config.data.labels, "split": config.data.split},
+            "history": json.loads(history_file.read_text()) if history_file.is_file() else [],
+        }
         save_model_folder(run_dir / "model", model, config.data, training=training, metrics=metrics)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info("best %s = %s; model folder %s", monitor, metrics[f"best_{monitor}"], run_dir / "model")
