@@ -171,10 +171,26 @@ def test_report_command_gathers_every_figure(tmp_path):
 
     labels, images = write_rsna_folder(tmp_path / "data", n=24, size=64)
     torch_model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=110, target_scale=60)).eval()
-    history = [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "train_mae": 30.0, "val_mae": 31.0,
-                "val_stage_acc": 0.3, "lr": 1e-3, "seconds": 1.0, "step": 3}]
-    model_dir = save_model_folder(tmp_path / "model", torch_model, DataConfig(image_size=64),
-                                  training={"history": history}, metrics={"selected_on": "val"})
+    history = [
+        {
+            "epoch": 0,
+            "train_loss": 1.0,
+            "val_loss": 1.1,
+            "train_mae": 30.0,
+            "val_mae": 31.0,
+            "val_stage_acc": 0.3,
+            "lr": 1e-3,
+            "seconds": 1.0,
+            "step": 3,
+        }
+    ]
+    model_dir = save_model_folder(
+        tmp_path / "model",
+        torch_model,
+        DataConfig(image_size=64),
+        training={"history": history},
+        metrics={"selected_on": "val"},
+    )
     classifier_dir = save_model_folder(
         tmp_path / "cls", BoneAgeNet(ModelConfig(task="classification", pretrained="none")), DataConfig(image_size=64)
     )
@@ -182,9 +198,27 @@ def test_report_command_gathers_every_figure(tmp_path):
     pd.DataFrame({"id": pd.read_csv(labels, dtype=str)["id"], "split": ["train"] * 12 + ["val"] * 12}).to_csv(
         split, index=False
     )
-    code = main(["report", "--labels", str(labels), "--images", str(images), "--split", str(split),
-                 "--model", str(model_dir), "--classifier", str(classifier_dir), "--tsne-images", "12",
-                 "--gradcam-images", "2", "--output", str(tmp_path / "report")])
+    code = main(
+        [
+            "report",
+            "--labels",
+            str(labels),
+            "--images",
+            str(images),
+            "--split",
+            str(split),
+            "--model",
+            str(model_dir),
+            "--classifier",
+            str(classifier_dir),
+            "--tsne-images",
+            "12",
+            "--gradcam-images",
+            "2",
+            "--output",
+            str(tmp_path / "report"),
+        ]
+    )
     assert code == 0
     out = tmp_path / "report"
     page = (out / "report.html").read_text()

@@ -105,3 +105,20 @@ def test_cli_predict_exit_codes(image_folder, model_dir, tmp_path, capsys):
     assert main(["predict", str(image_folder / "a.png"), "--model", str(model_dir), "--sex", "X"]) == 2
     assert "--sex: expected M or F" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "empty_dir_absent"), "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_tta_averages_the_image_and_its_mirror(image_folder, model_dir, tmp_path):
+    from boneage.data import preprocess
+
+    predictor = Predictor.load(model_dir)
+    image = preprocess(image_folder / "a.png", predictor.contract)[None]
+    male = torch.tensor([1])
+    plain, _ = predictor.predict_tensor(image, male)
+    mirrored, _ = predictor.predict_tensor(image.flip(-1), male)
+    predictor.tta_hflip = True
+    averaged, _ = predictor.predict_tensor(image, male)
+    assert float(averaged[0]) == pytest.approx((float(plain[0]) + float(mirrored[0])) / 2, abs=1e-4)
+    table = predict_paths(
+        [image_folder / "a.png"], tmp_path / "t.csv", model_dir=model_dir, sex="M", tta=True, progress=False
+    )
+    assert table["bone_age_months"][0] == pytest.approx(float(averaged[0]), abs=0.01)

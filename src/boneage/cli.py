@@ -109,6 +109,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         progress=not args.quiet,
         backend=args.backend,
+        tta=args.tta,
     )
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="model folder (default: the shipped model), or an .onnx file with --backend onnx"
     )
     predict.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="inference engine")
+    predict.add_argument("--tta", action="store_true", help="average with the mirrored image (twice the compute)")
     predict.add_argument("--metadata", help="CSV with id,male per image id (the file stem)")
     predict.add_argument("--sex", help="M or F, for every image without metadata")
     predict.add_argument("--output", default="predictions.csv", help="prediction CSV (default: predictions.csv)")

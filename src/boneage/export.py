@@ -184,12 +184,6 @@ class OnnxPredictor(Predictor):
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def predict_tensor(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from boneage.data import stage_of
-
-        output = torch.from_numpy(
-            self.session.run(None, {"image": images.numpy(), "male": male.numpy().astype(np.int64)})[0]
-        )
-        if self.task == "regression":
-            return output.float(), stage_of(output.float())
-        return torch.full((len(images),), float("nan")), output.argmax(dim=1)
+    def forward(self, images: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+        inputs = {"image": images.contiguous().numpy(), "male": male.numpy().astype(np.int64)}
+        return torch.from_numpy(self.session.run(None, inputs)[0])

@@ -124,13 +124,20 @@ class Predictor:
         model, description = load_model_folder(folder)
         return cls(model, description, folder)
 
+    tta_hflip: bool = False  # average the output over the image and its mirror (test-time augmentation)
+
+    def forward(self, images: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+        """The model's raw output: (B,) months or (B, 4) logits."""
+        return self.model(images.contiguous(memory_format=torch.channels_last), male)
+
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, S, S) preprocessed images and (B,) sex -> (bone age months or NaN, stage index)."""
-        output = self.model(images.contiguous(memory_format=torch.channels_last), male)
+        output = self.forward(images, male).float()
+        if self.tta_hflip:
+            output = 0.5 * (output + self.forward(images.flip(-1), male).float())
         if self.task == "regression":
-            months = output.float()
-            return months, stage_of(months)
+            return output, stage_of(output)
         return torch.full((len(images),), float("nan")), output.argmax(dim=1)
 
     def predict_files(
@@ -190,6 +197,7 @@ def predict_paths(
     num_workers: int | None = None,
     progress: bool = True,
     backend: str = "torch",
+    tta: bool = False,
 ) -> pd.DataFrame:
     """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
 
@@ -200,6 +208,7 @@ def predict_paths(
         metadata: CSV with ``id,male`` per image id (file stem); overrides ``sex`` for the ids it lists.
         sex: ``M`` or ``F`` for every image.
         backend: ``torch`` (a model folder) or ``onnx`` (``model_dir`` is an exported ``.onnx`` file).
+        tta: average each prediction with that of the mirrored image.
 
     Returns:
         The predictions as a frame (also written to ``output``).
@@ -220,6 +229,7 @@ def predict_paths(
             value = parse_sex(table.at[path.stem, "male"])
         sexes.append(value)
     predictor = Predictor.load(model_dir, backend)
+    predictor.tta_hflip = tta
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
