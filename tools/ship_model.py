@@ -28,6 +28,11 @@ DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
 FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples"
 
 
+def _relative(path: str) -> str:
+    parts = Path(path).parts
+    return str(Path(*parts[parts.index("data") + 1 :])) if "data" in parts else Path(path).name
+
+
 def _score(model_dir: Path, tmp: Path, name: str) -> dict:
     split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
     labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
@@ -95,6 +100,18 @@ def main() -> None:
             "fullres_samples": full,
         }
         training = {**description["training"], "run": str(args.run_dir.name)}
+        # provenance without this machine's paths: data files relative to the shared data folder
+        for key in ("labels", "images", "split"):
+            value = training["config"]["data"].get(key)
+            if value:
+                training["config"]["data"][key] = _relative(value)
+        training["config"]["train"]["output"] = f"runs/{args.run_dir.name}"
+        training["data"] = {
+            "labels": _relative(training["data"].get("labels") or ""),
+            "split": _relative(training["data"].get("split") or ""),
+            "description": "RSNA Pediatric Bone Age Challenge 2017 training set, 100x100 px squashed copies; "
+            "fit on the seed split's train (8,827), best epoch selected on its val (1,892)",
+        }
         if not training.get("history") and (args.run_dir / "history.json").is_file():
             training["history"] = json.loads((args.run_dir / "history.json").read_text())
         save_model_folder(

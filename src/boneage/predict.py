@@ -155,7 +155,7 @@ class Predictor:
         loader = DataLoader(
             _ImageFiles(paths, self.contract), batch_size=batch_size, num_workers=workers, collate_fn=_collate
         )
-        with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
+        with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress or len(paths) < 10) as bar:
             for items in loader:
                 rows: dict[int, dict[str, Any]] = {}
                 ready = []

@@ -1,0 +1,47 @@
+"""The model shipped inside the package: loads offline, checks its checksum, and has not drifted."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from boneage.data import normalize, resize
+from boneage.model import ModelFolderError, load_model_folder, sha256_file
+from boneage.predict import DEFAULT_MODEL, Predictor, default_model_dir
+from tests.conftest import synthetic_radiograph
+
+# Bone age (months) of synthetic_radiograph(120, size=100, seed=0) for a female and a male, recorded when the model
+# was shipped. A change here means the weights or the preprocessing changed: re-record only on purpose.
+RECORDED_MONTHS = (40.0612, 49.8243)
+
+
+def test_default_model_loads_offline_with_its_contract(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = default_model_dir()
+    assert folder.name == DEFAULT_MODEL
+    predictor = Predictor.load()
+    description = predictor.description
+    assert description["data_contract"]["image_size"] == 128 and description["data_contract"]["resize_mode"] == "squash"
+    assert description["output"]["unit"] == "months"
+    assert description["weights_sha256"] == sha256_file(folder / "model.safetensors")
+    assert description["metrics"]["selected_on"] == "val" and description["metrics"]["val"]["n"] == 1892
+
+
+def test_default_model_prediction_has_not_drifted():
+    predictor = Predictor.load()
+    image = torch.from_numpy(synthetic_radiograph(120, size=100, seed=0)).float()[None] / 255  # (1, 100, 100)
+    batch = normalize(resize(image, 128, "squash"), predictor.contract)[None].repeat(2, 1, 1, 1)
+    months, _ = predictor.predict_tensor(batch, torch.tensor([0, 1]))
+    assert months.tolist() == pytest.approx(RECORDED_MONTHS, abs=0.01)
+
+
+def test_a_corrupted_copy_of_the_default_model_is_refused(tmp_path):
+    copy = shutil.copytree(default_model_dir(), tmp_path / "copy")
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError, match="checksum"):
+        load_model_folder(copy)
