@@ -94,7 +94,7 @@ def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):
     evaluate(preds, labels, tmp_path / "out", history=history)
     from PIL import Image
 
-    for name in ("predicted_vs_actual", "errors", "confusion_matrix", "training_history"):
+    for name in ("predicted_vs_actual", "errors", "confusion_matrix_from_regression", "training_history"):
         path = tmp_path / "out" / f"{name}.png"
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L"))
@@ -222,7 +222,15 @@ def test_report_command_gathers_every_figure(tmp_path):
     assert code == 0
     out = tmp_path / "report"
     page = (out / "report.html").read_text()
-    for name in ("predicted_vs_actual", "errors", "confusion_matrix", "training_history", "gradcam", "tsne"):
+    for name in (
+        "predicted_vs_actual",
+        "errors",
+        "confusion_matrix",
+        "confusion_matrix_from_regression",
+        "training_history",
+        "gradcam",
+        "tsne",
+    ):
         assert (out / f"{name}.png").stat().st_size > 10_000 and f'src="{name}.png"' in page
     assert "selection metrics" in page
     metrics = json.loads((out / "metrics.json").read_text())

@@ -6,7 +6,9 @@ Protocol (written into ``ensemble.json``):
 2. The validation split is cut in two halves, stratified by stage x sex: the blend weight
    ``w * CNN + (1 - w) * XGBoost`` is chosen on the **calibration** half only.
 3. Every number reported as a result (CNN alone, XGBoost alone, the fitted blend and the seed's fixed 0.7/0.3
-   blend) is measured on the other, **evaluation** half, which was used neither for fitting nor for selection.
+   blend) is measured on the other, **evaluation** half, which the ensemble used neither for fitting nor for
+   selection. The CNN's own best epoch was chosen on the whole val split, so every number here is still a
+   validation figure; only the withheld holdout gives a test result.
 """
 
 from __future__ import annotations

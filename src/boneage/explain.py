@@ -132,7 +132,7 @@ def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: 
     for is_male, color, name in ((True, "tab:blue", "male"), (False, "tab:orange", "female")):
         mask = male == is_male
         right.scatter(embedded[mask, 0], embedded[mask, 1], s=6, color=color, alpha=0.6, label=name)
-    right.set_title("by sex")
+    right.set_title("by sex (the features include the 32-d sex embedding)")
     right.legend()
     for ax in (left, right):
         ax.set_xticks([]), ax.set_yticks([])

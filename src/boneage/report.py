@@ -141,10 +141,22 @@ def write_figures(
     if "regression" in metrics:
         figures.append(plot_predicted_vs_actual(joined, output / "predicted_vs_actual.png"))
         figures.append(plot_errors(joined, output / "errors.png"))
-    stage = metrics.get("stage") or metrics.get("stage_from_regression")
-    if stage:
-        title = "Stage confusion matrix" + ("" if "stage" in metrics else " (stage of the predicted bone age)")
-        figures.append(plot_confusion(stage["confusion_matrix"], output / "confusion_matrix.png", title))
+    if "stage" in metrics:
+        figures.append(
+            plot_confusion(
+                metrics["stage"]["confusion_matrix"],
+                output / "confusion_matrix.png",
+                "Stage confusion matrix (classifier)",
+            )
+        )
+    if "stage_from_regression" in metrics:
+        figures.append(
+            plot_confusion(
+                metrics["stage_from_regression"]["confusion_matrix"],
+                output / "confusion_matrix_from_regression.png",
+                "Stage confusion matrix (stage of the predicted bone age)",
+            )
+        )
     if isinstance(history, list) and history:
         figures.append(plot_history(history, output / "training_history.png"))
     elif isinstance(history, (str, Path)) and Path(history).is_file():
