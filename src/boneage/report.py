@@ -146,7 +146,7 @@ def write_figures(
             plot_confusion(
                 metrics["stage"]["confusion_matrix"],
                 output / "confusion_matrix.png",
-                "Stage confusion matrix (classifier)",
+                "Stage confusion matrix\n(classifier)",
             )
         )
     if "stage_from_regression" in metrics:
@@ -154,7 +154,7 @@ def write_figures(
             plot_confusion(
                 metrics["stage_from_regression"]["confusion_matrix"],
                 output / "confusion_matrix_from_regression.png",
-                "Stage confusion matrix (stage of the predicted bone age)",
+                "Stage confusion matrix\n(stage of the predicted bone age)",
             )
         )
     if isinstance(history, list) and history:
