@@ -170,10 +170,8 @@ def _cmd_gradcam(args: argparse.Namespace) -> int:
 
 
 def _cmd_tsne(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
-    from boneage.data import BoneAgeDataset, read_labels, read_split
-    from boneage.explain import extract_features, plot_tsne
+    from boneage.data import read_labels, read_split
+    from boneage.explain import tsne_figure
     from boneage.predict import Predictor
 
     predictor = Predictor.load(args.model)
@@ -181,11 +179,8 @@ def _cmd_tsne(args: argparse.Namespace) -> int:
     if args.split:
         table = table.merge(read_split(args.split, table), on="id")
         table = table[table["split"] == args.subset]
-    table = table.sample(n=min(args.max_images, len(table)), random_state=0).reset_index(drop=True)
-    loader = DataLoader(BoneAgeDataset(table, predictor.contract), batch_size=64, num_workers=2)
-    features, ages, male = extract_features(predictor.model, loader)
-    plot_tsne(features, ages, male, args.output)
-    print(f"wrote {args.output} ({len(table)} images)")
+    tsne_figure(predictor.model, predictor.contract, table, args.output, args.max_images)
+    print(f"wrote {args.output} ({min(args.max_images, len(table))} images)")
     return 0
 
 
@@ -234,6 +229,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
     print(f"wrote {Path(args.output) / 'report.html'} (metrics.json, report.txt and figures beside it)")
     return 0
+
+
+def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False) -> None:
+    parser.add_argument("--labels", required=True, help="CSV with id,boneage,male")
+    parser.add_argument("--images", required=True, help="folder of <id>.png")
+    parser.add_argument("--split", required=split_required, help="id,split CSV")
+    parser.add_argument("--model", help="model folder (default: the shipped model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,20 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.set_defaults(func=_cmd_gradcam)
 
     tsne = commands.add_parser("tsne", help="t-SNE of the model's features, coloured by bone age and by sex")
-    tsne.add_argument("--labels", required=True)
-    tsne.add_argument("--images", required=True)
-    tsne.add_argument("--split", help="id,split CSV; with --subset, only that part")
-    tsne.add_argument("--subset", default="val")
-    tsne.add_argument("--model", help="model folder (default: the shipped model)")
+    _add_data_args(tsne)
+    tsne.add_argument("--subset", default="val", help="with --split, only that part")
     tsne.add_argument("--max-images", type=int, default=1000)
     tsne.add_argument("--output", default="tsne.png")
     tsne.set_defaults(func=_cmd_tsne)
 
     ensemble = commands.add_parser("ensemble", help="XGBoost on CNN features + a blend weight fit on half of val")
-    ensemble.add_argument("--labels", required=True)
-    ensemble.add_argument("--images", required=True)
-    ensemble.add_argument("--split", required=True, help="id,split CSV with train and val")
-    ensemble.add_argument("--model", help="model folder (default: the shipped model)")
+    _add_data_args(ensemble, split_required=True)
     ensemble.add_argument("--seed", type=int, default=0, help="seed of the val halving and XGBoost")
     ensemble.add_argument("--output", required=True)
     ensemble.set_defaults(func=_cmd_ensemble)
@@ -327,11 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="full evaluation of a model on a labelled subset: metrics, every figure, report.html"
     )
-    report.add_argument("--labels", required=True)
-    report.add_argument("--images", required=True)
-    report.add_argument("--split", help="id,split CSV; --subset picks the part to report on")
-    report.add_argument("--subset", default="val")
-    report.add_argument("--model", help="regression model folder (default: the shipped model)")
+    _add_data_args(report)
+    report.add_argument("--subset", default="val", help="with --split, the part to report on")
     report.add_argument("--classifier", help="a stage classifier's model folder, scored and compared")
     report.add_argument("--ensemble", action="store_true", help="also fit and score the XGBoost ensemble")
     report.add_argument("--gradcam-images", type=int, default=8)

@@ -73,7 +73,7 @@ def gradcam_grid(
     titles: Sequence[str] | None = None,
 ) -> Path:
     """A figure with one row per image: the radiograph, its Grad-CAM heatmap and the overlay."""
-    from boneage.report import _pyplot
+    from boneage.report import _pyplot, save_figure
 
     plt = _pyplot()
     raw = torch.stack([load_resized(p, contract) for p in paths])  # (B, 1, S, S) in [0, 1]
@@ -95,12 +95,7 @@ def gradcam_grid(
         axes[i, 2].set_title(f"predicted {prediction}", fontsize=9)
         for ax in axes[i]:
             ax.axis("off")
-    fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output)
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)
 
 
 @torch.inference_mode()
@@ -120,7 +115,7 @@ def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: 
     """t-SNE of the penultimate features, side by side coloured by bone age and by sex."""
     from sklearn.manifold import TSNE
 
-    from boneage.report import _pyplot
+    from boneage.report import _pyplot, save_figure
 
     plt = _pyplot()
     perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
@@ -136,9 +131,15 @@ def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: 
     right.legend()
     for ax in (left, right):
         ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output)
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)
+
+
+def tsne_figure(model: BoneAgeNet, contract: Any, table: Any, output: str | Path, max_images: int = 1000) -> Path:
+    """t-SNE figure for up to ``max_images`` rows (a fixed random sample) of a labels table with paths."""
+    from torch.utils.data import DataLoader
+
+    from boneage.data import BoneAgeDataset
+
+    sample = table.sample(n=min(max_images, len(table)), random_state=0).reset_index(drop=True)
+    loader = DataLoader(BoneAgeDataset(sample, contract), batch_size=64, num_workers=2 if len(sample) > 256 else 0)
+    return plot_tsne(*extract_features(model, loader), output)

@@ -23,6 +23,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (making the folder) and close a matplotlib figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_predicted_vs_actual(joined: pd.DataFrame, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6), dpi=120)
@@ -40,10 +50,7 @@ def plot_predicted_vs_actual(joined: pd.DataFrame, path: Path) -> Path:
     ax.set_title(f"Predicted vs reference bone age (MAE {mae:.2f} months)")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_errors(joined: pd.DataFrame, path: Path) -> Path:
@@ -71,10 +78,7 @@ def plot_errors(joined: pd.DataFrame, path: Path) -> Path:
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
@@ -100,10 +104,7 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
                 color="white" if values[i, j] > threshold else "black",
             )
     ax.set(xlabel="predicted stage", ylabel="reference stage", title=title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_history(history: Path | list[dict[str, Any]], path: Path) -> Path:
@@ -127,10 +128,7 @@ def plot_history(history: Path | list[dict[str, Any]], path: Path) -> Path:
         ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_figures(
@@ -260,14 +258,9 @@ def build_report(
             )
         )
     if tsne_images > 1:
-        from torch.utils.data import DataLoader
+        from boneage.explain import tsne_figure
 
-        from boneage.data import BoneAgeDataset
-        from boneage.explain import extract_features, plot_tsne
-
-        sample = table.sample(n=min(tsne_images, len(table)), random_state=0).reset_index(drop=True)
-        loader = DataLoader(BoneAgeDataset(sample, predictor.contract), batch_size=64)
-        figures.append(plot_tsne(*extract_features(predictor.model, loader), output / "tsne.png"))
+        figures.append(tsne_figure(predictor.model, predictor.contract, table, output / "tsne.png", tsne_images))
 
     notes = [f"Model: {predictor.model_dir}. Images: the {subset!r} subset of {split or labels} (n={len(table)})."]
     selection = predictor.description.get("metrics", {}).get("selected_on")
