@@ -116,7 +116,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for row in table.itertuples():
             if row.status == "ok":
                 sex = "male" if row.male else "female"
-                print(f"{row.id}: bone age {row.bone_age_months:.1f} months ({row.bone_age}), {row.stage} [{sex}]")
+                has_interval = row.upper_months is not None and row.upper_months == row.upper_months  # not NaN
+                interval = f", interval {row.lower_months:.0f}-{row.upper_months:.0f}" if has_interval else ""
+                age = f"{row.bone_age_months:.1f} months ({row.bone_age})"
+                print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]")
             else:
                 print(f"{row.id}: {row.status}: {row.message}")
     print(f"wrote {args.output}: {len(table) - len(failed)} predicted, {len(failed)} failed")
@@ -231,6 +234,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from boneage.uncertainty import calibrate_interval, store_interval
+
+    interval = calibrate_interval(args.predictions, args.labels, coverage=args.coverage, seed=args.seed)
+    held = interval["evaluation"]
+    print(
+        f"half-width {interval['half_width_months']:.2f} months from {interval['calibration']['n']} images; on the "
+        f"other {held['n']}: coverage {held['coverage']:.1%} (nominal {args.coverage:.0%}), "
+        f"width {held['mean_width_months']:.2f} months"
+    )
+    if args.model:
+        store_interval(args.model, interval)
+        print(f"stored in {Path(args.model) / 'config.json'}")
+    return 0
+
+
 def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False) -> None:
     parser.add_argument("--labels", required=True, help="CSV with id,boneage,male")
     parser.add_argument("--images", required=True, help="folder of <id>.png")
@@ -331,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tsne-images", type=int, default=1000)
     report.add_argument("--output", required=True)
     report.set_defaults(func=_cmd_report)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="calibrate a prediction interval (split conformal) on labelled predictions, e.g. val"
+    )
+    calibrate.add_argument("--predictions", required=True, help="boneage predict CSV for labelled images")
+    calibrate.add_argument("--labels", required=True, help="CSV with id,boneage,male")
+    calibrate.add_argument("--coverage", type=float, default=0.9)
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation halving")
+    calibrate.add_argument("--model", help="model folder to store the interval in (its config.json)")
+    calibrate.set_defaults(func=_cmd_calibrate)
 
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)

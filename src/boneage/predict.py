@@ -27,7 +27,18 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "lite0-128"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
-PREDICTION_COLUMNS = ["id", "path", "male", "bone_age_months", "bone_age", "stage", "status", "message"]
+PREDICTION_COLUMNS = [
+    "id",
+    "path",
+    "male",
+    "bone_age_months",
+    "lower_months",
+    "upper_months",
+    "bone_age",
+    "stage",
+    "status",
+    "message",
+]
 
 
 def default_model_dir() -> Path:
@@ -126,6 +137,12 @@ class Predictor:
 
     tta_hflip: bool = False  # average the output over the image and its mirror (test-time augmentation)
 
+    @property
+    def half_width(self) -> float | None:
+        """The calibrated prediction-interval half-width (months), if the model folder carries one."""
+        value = self.description.get("uncertainty", {}).get("half_width_months")
+        return float(value) if value is not None else None
+
     def forward(self, images: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         """The model's raw output: (B,) months or (B, 4) logits."""
         return self.model(images.contiguous(memory_format=torch.channels_last), male)
@@ -175,6 +192,11 @@ class Predictor:
                     months, stages = self.predict_tensor(images, male)
                     for item, age, stage in zip(ready, months.tolist(), stages.tolist()):
                         regression = age == age  # not NaN
+                        if regression and self.half_width is not None:
+                            rows[item.index].update(
+                                lower_months=round(max(0.0, age - self.half_width), 2),
+                                upper_months=round(age + self.half_width, 2),
+                            )
                         rows[item.index].update(
                             bone_age_months=round(age, 2) if regression else None,
                             bone_age=format_age(age) if regression else None,

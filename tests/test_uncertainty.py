@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from boneage.cli import main
+from boneage.config import DataConfig, ModelConfig
+from boneage.model import BoneAgeNet, load_model_folder, save_model_folder
+from boneage.predict import predict_paths
+from boneage.uncertainty import calibrate_interval, conformal_half_width, interval_bounds, store_interval
+from tests.conftest import write_rsna_folder
+
+
+def test_conformal_half_width_by_hand():
+    residuals = np.arange(1, 11, dtype=float)  # |r| = 1..10, n = 10
+    assert conformal_half_width(residuals, 0.9) == 10.0  # rank ceil(11 * 0.9) = 10
+    assert conformal_half_width(residuals, 0.5) == 6.0  # rank ceil(5.5) = 6
+    assert conformal_half_width(-residuals, 0.5) == 6.0
+    with pytest.raises(ValueError):
+        conformal_half_width(np.array([]), 0.9)
+
+
+def test_interval_bounds_never_below_zero():
+    lower, upper = interval_bounds(np.array([5.0, 100.0]), 10.0)
+    assert lower.tolist() == [0.0, 90.0] and upper.tolist() == [15.0, 110.0]
+
+
+def test_calibration_reaches_nominal_coverage_on_the_other_half(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 2000
+    truth = rng.uniform(1, 228, n).round()
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"id": [str(i) for i in range(n)], "boneage": truth, "male": rng.random(n) < 0.5}).to_csv(
+        labels, index=False
+    )
+    preds = tmp_path / "preds.csv"
+    pd.DataFrame({"id": [str(i) for i in range(n)], "bone_age_months": truth + rng.normal(0, 10, n)}).to_csv(
+        preds, index=False
+    )
+    interval = calibrate_interval(preds, labels, coverage=0.9)
+    assert interval["half_width_months"] == pytest.approx(16.45, abs=1.5)  # 1.645 sigma for a normal error
+    assert interval["calibration"]["n"] + interval["evaluation"]["n"] == n
+    assert 0.87 <= interval["evaluation"]["coverage"] <= 0.93
+
+
+def test_stored_interval_reaches_the_prediction_csv(tmp_path):
+    labels, images = write_rsna_folder(tmp_path / "data", n=24, size=64)
+    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=110, target_scale=60)).eval()
+    folder = save_model_folder(tmp_path / "model", model, DataConfig(image_size=64))
+    store_interval(folder, {"half_width_months": 12.5, "coverage_nominal": 0.9})
+    load_model_folder(folder)  # the weights' checksum still holds
+    table = predict_paths([images], tmp_path / "p.csv", model_dir=folder, sex="F", progress=False)
+    assert np.allclose(table["upper_months"] - table["bone_age_months"], 12.5, atol=0.011)
+    assert (table["lower_months"] >= 0).all()
+
+    predict_paths([images], tmp_path / "val.csv", model_dir=folder, sex="F", progress=False)
+    assert main(["calibrate", "--predictions", str(tmp_path / "val.csv"), "--labels", str(labels),
+                 "--model", str(folder)]) == 0
+    assert load_model_folder(folder)[1]["uncertainty"]["evaluation"]["n"] == 12
