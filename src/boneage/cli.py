@@ -260,7 +260,7 @@ def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
     parser.add_argument("--version", action="version", version=f"boneage {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with their traceback")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (seed recipe by default)")
@@ -395,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileExistsError,
         ValueError,
     ) as err:
+        if args.verbose:
+            raise
         print(f"boneage {args.command}: error: {err}", file=sys.stderr)
         return 2
 
