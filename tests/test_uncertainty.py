@@ -8,7 +8,7 @@ from boneage.cli import main
 from boneage.config import DataConfig, ModelConfig
 from boneage.model import BoneAgeNet, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
-from boneage.uncertainty import calibrate_interval, conformal_half_width, interval_bounds, store_interval
+from boneage.uncertainty import calibrate_interval, conformal_half_width, store_interval
 from tests.conftest import write_rsna_folder
 
 
@@ -19,11 +19,6 @@ def test_conformal_half_width_by_hand():
     assert conformal_half_width(-residuals, 0.5) == 6.0
     with pytest.raises(ValueError):
         conformal_half_width(np.array([]), 0.9)
-
-
-def test_interval_bounds_never_below_zero():
-    lower, upper = interval_bounds(np.array([5.0, 100.0]), 10.0)
-    assert lower.tolist() == [0.0, 90.0] and upper.tolist() == [15.0, 110.0]
 
 
 def test_calibration_reaches_nominal_coverage_on_the_other_half(tmp_path):
@@ -55,6 +50,8 @@ def test_stored_interval_reaches_the_prediction_csv(tmp_path):
     assert (table["lower_months"] >= 0).all()
 
     predict_paths([images], tmp_path / "val.csv", model_dir=folder, sex="F", progress=False)
-    assert main(["calibrate", "--predictions", str(tmp_path / "val.csv"), "--labels", str(labels),
-                 "--model", str(folder)]) == 0
+    assert (
+        main(["calibrate", "--predictions", str(tmp_path / "val.csv"), "--labels", str(labels), "--model", str(folder)])
+        == 0
+    )
     assert load_model_folder(folder)[1]["uncertainty"]["evaluation"]["n"] == 12

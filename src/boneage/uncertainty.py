@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from boneage.data import make_split, read_labels
 from boneage.evaluate import read_predictions
@@ -68,9 +67,3 @@ def store_interval(model_dir: str | Path, interval: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(description, indent=2))
     tmp.replace(path)
-
-
-def interval_bounds(months: pd.Series | np.ndarray, half_width: float) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) in months; the lower bound never goes below 0."""
-    values = np.asarray(months, dtype=float)
-    return np.clip(values - half_width, 0.0, None), values + half_width
