@@ -122,3 +122,15 @@ def test_tta_averages_the_image_and_its_mirror(image_folder, model_dir, tmp_path
         [image_folder / "a.png"], tmp_path / "t.csv", model_dir=model_dir, sex="M", tta=True, progress=False
     )
     assert table["bone_age_months"][0] == pytest.approx(float(averaged[0]), abs=0.01)
+
+
+def test_json_output_has_the_same_rows(image_folder, model_dir, tmp_path):
+    import json
+
+    table = predict_paths([image_folder], tmp_path / "p.json", model_dir=model_dir, sex="F", progress=False)
+    document = json.loads((tmp_path / "p.json").read_text())
+    assert document["model"]["weights_sha256"] and len(document["predictions"]) == len(table) == 4
+    first = document["predictions"][0]
+    assert set(first) == set(PREDICTION_COLUMNS) and first["id"] == "a" and first["status"] == "ok"
+    assert first["bone_age_months"] == pytest.approx(table["bone_age_months"][0])
+    assert not (tmp_path / "p.partial.jsonl").exists()

@@ -292,7 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta", action="store_true", help="average with the mirrored image (twice the compute)")
     predict.add_argument("--metadata", help="CSV with id,male per image id (the file stem)")
     predict.add_argument("--sex", help="M or F, for every image without metadata")
-    predict.add_argument("--output", default="predictions.csv", help="prediction CSV (default: predictions.csv)")
+    predict.add_argument(
+        "--output",
+        default="predictions.csv",
+        help="prediction CSV, or JSON when it ends in .json (default: predictions.csv)",
+    )
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")

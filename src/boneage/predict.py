@@ -7,6 +7,7 @@ batch finishes, so a long batch keeps everything already computed even if it is 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -225,7 +226,8 @@ def predict_paths(
 
     Args:
         paths: image files and/or folders.
-        output: the prediction CSV (``id,path,male,bone_age_months,bone_age,stage,status,message``).
+        output: the prediction CSV (``PREDICTION_COLUMNS``), or a ``.json`` file: ``{"model": ..., "predictions":
+            [...]}`` with the same fields per image.
         model_dir: a model folder; the packaged default model when None.
         metadata: CSV with ``id,male`` per image id (file stem); overrides ``sex`` for the ids it lists.
         sex: ``M`` or ``F`` for every image.
@@ -255,11 +257,29 @@ def predict_paths(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(output, "w", newline="") as handle:
+    as_json = output.suffix.lower() == ".json"
+    # rows are streamed as they finish (CSV, or JSON Lines beside a .json output) so a stopped batch keeps them
+    stream_path = output.with_suffix(".partial.jsonl") if as_json else output
+    with open(stream_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
+        if not as_json:
+            writer.writeheader()
         for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress):
-            writer.writerow(row)
+            if as_json:
+                handle.write(json.dumps({k: row.get(k) for k in PREDICTION_COLUMNS}) + "\n")
+            else:
+                writer.writerow(row)
             handle.flush()
             rows.append(row)
+    if as_json:
+        document = {
+            "model": {
+                "path": str(predictor.model_dir),
+                "boneage_version": predictor.description.get("boneage_version"),
+                "weights_sha256": predictor.description.get("weights_sha256"),
+            },
+            "predictions": [{k: row.get(k) for k in PREDICTION_COLUMNS} for row in rows],
+        }
+        output.write_text(json.dumps(document, indent=2))
+        stream_path.unlink()
     return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
