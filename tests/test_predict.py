@@ -101,7 +101,7 @@ def test_cli_predict_exit_codes(image_folder, model_dir, tmp_path, capsys):
         ]
     )
     captured = capsys.readouterr()
-    assert partial == 3 and "3 predicted, 1 failed" in captured.out and "broken.png" in captured.err
+    assert partial == 3 and "3 predicted; not predicted: 1 error" in captured.out and "broken.png" in captured.err
     assert main(["predict", str(image_folder / "a.png"), "--model", str(model_dir), "--sex", "X"]) == 2
     assert "--sex: expected M or F" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "empty_dir_absent"), "--model", str(tmp_path / "nope")]) == 2

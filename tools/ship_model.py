@@ -19,9 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from boneage.data import read_labels, read_split
 from boneage.evaluate import evaluate
 from boneage.model import load_model_folder, save_model_folder
 from boneage.predict import predict_paths
+from boneage.quality import fit_for_model, write_non_hand_images
 from boneage.uncertainty import calibrate_interval, store_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,12 +130,28 @@ def main() -> None:
         interval["calibration"]["source"] = "seed split val, calibration half (stratified by stage x sex, seed 0)"
         interval["evaluation"]["source"] = "seed split val, the other half"
         store_interval(target.with_name(target.name + ".tmp"), interval)
+        # refusal of images unlike the training radiographs: fit on train, threshold on one half of val
+        table = read_labels(DATA / "boneage-training-dataset.csv", DATA / "boneage-training-dataset")
+        table = table.merge(read_split(DATA / "seed-split.csv", table), on="id")
+        assessability = fit_for_model(
+            target.with_name(target.name + ".tmp"),
+            table[table["split"] == "train"],
+            table[table["split"] == "val"],
+            write_non_hand_images(tmp / "non_hand"),
+        )
     if target.exists():
         shutil.rmtree(target)
     target.with_name(target.name + ".tmp").rename(target)
     print(
         json.dumps(
-            {"shipped": str(target), "val": stored, "val_fp32": fp32, "fullres_samples": full, "interval": interval},
+            {
+                "shipped": str(target),
+                "val": stored,
+                "val_fp32": fp32,
+                "fullres_samples": full,
+                "interval": interval,
+                "assessability": assessability,
+            },
             indent=2,
         )
     )

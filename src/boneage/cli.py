@@ -122,9 +122,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]")
             else:
                 print(f"{row.id}: {row.status}: {row.message}")
-    print(f"wrote {args.output}: {len(table) - len(failed)} predicted, {len(failed)} failed")
+    counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
+    print(
+        f"wrote {args.output}: {len(table) - len(failed)} predicted" + (f"; not predicted: {counts}" if counts else "")
+    )
     for row in failed.head(20).itertuples():
-        print(f"  {row.path}: {row.message}", file=sys.stderr)
+        print(f"  {row.message}", file=sys.stderr)  # every message names its file
     return 3 if len(failed) else 0
 
 

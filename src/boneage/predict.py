@@ -120,6 +120,9 @@ class Predictor:
         self.model_dir = model_dir
         self.contract = contract_from_description(description)
         self.task = description["model"]["task"]
+        from boneage.quality import Assessability
+
+        self.assessability = Assessability.load(model_dir, description)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "torch") -> Predictor:
@@ -148,15 +151,31 @@ class Predictor:
         """The model's raw output: (B,) months or (B, 4) logits."""
         return self.model(images.contiguous(memory_format=torch.channels_last), male)
 
+    assessability: Any = None  # a boneage.quality.Assessability, when the model folder carries one
+
+    def forward_with_score(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw output and, with an assessability check, each image's score (one pass through the backbone)."""
+        if self.assessability is None:
+            return self.forward(images, male), None
+        features = self.model.forward_features(images.contiguous(memory_format=torch.channels_last), male)
+        image_features = features[:, : self.model.backbone.num_features]
+        return self.model.forward_head(features), self.assessability.score(image_features)
+
     @torch.inference_mode()
-    def predict_tensor(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) preprocessed images and (B,) sex -> (bone age months or NaN, stage index)."""
-        output = self.forward(images, male).float()
+    def predict_batch(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """(B, C, S, S) preprocessed images and (B,) sex -> months (NaN for a classifier), stage, score (or None)."""
+        output, score = self.forward_with_score(images, male)
+        output = output.float()
         if self.tta_hflip:
             output = 0.5 * (output + self.forward(images.flip(-1), male).float())
         if self.task == "regression":
-            return output, stage_of(output)
-        return torch.full((len(images),), float("nan")), output.argmax(dim=1)
+            return {"months": output, "stage": stage_of(output), "score": score}
+        return {"months": torch.full((len(images),), float("nan")), "stage": output.argmax(dim=1), "score": score}
+
+    def predict_tensor(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) preprocessed images and (B,) sex -> (bone age months or NaN, stage index)."""
+        result = self.predict_batch(images, male)
+        return result["months"], result["stage"]  # type: ignore[return-value]
 
     def predict_files(
         self,
@@ -190,8 +209,16 @@ class Predictor:
                 if ready:
                     images = torch.stack([item.image for item in ready])  # type: ignore[misc]
                     male = torch.tensor([int(bool(sexes[item.index])) for item in ready])
-                    months, stages = self.predict_tensor(images, male)
-                    for item, age, stage in zip(ready, months.tolist(), stages.tolist()):
+                    result = self.predict_batch(images, male)
+                    months, stages, scores = result["months"], result["stage"], result["score"]
+                    for k, (item, age, stage) in enumerate(zip(ready, months.tolist(), stages.tolist())):
+                        if scores is not None and float(scores[k]) > self.assessability.threshold:
+                            rows[item.index].update(
+                                status="not assessable",
+                                message=f"{paths[item.index]}: does not look like the hand radiographs the model "
+                                f"knows (score {float(scores[k]):.1f} > {self.assessability.threshold:.1f})",
+                            )
+                            continue
                         regression = age == age  # not NaN
                         if regression and self.half_width is not None:
                             rows[item.index].update(

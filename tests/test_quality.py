@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from boneage.config import DataConfig, ModelConfig
+from boneage.data import read_labels
+from boneage.model import BoneAgeNet, ModelFolderError, load_pretrained, save_model_folder
+from boneage.predict import Predictor, predict_paths
+from boneage.quality import ASSESSABILITY_FILE, Assessability, fit_for_model, write_non_hand_images
+from tests.conftest import write_rsna_folder
+
+
+def test_score_is_about_one_in_distribution_and_large_far_away():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 64))
+    train = rng.normal(size=(500, 8)) @ basis + 0.05 * rng.normal(size=(500, 64))
+    check = Assessability.fit(train, n_components=8)
+    inside = check.score(torch.from_numpy(rng.normal(size=(200, 8)) @ basis + 0.05 * rng.normal(size=(200, 64))))
+    assert 0.7 < float(inside.mean()) < 1.3
+    off_subspace = check.score(torch.from_numpy(rng.normal(size=(50, 64))))  # unlike anything seen
+    far_along = check.score(torch.from_numpy(10 * rng.normal(size=(50, 8)) @ basis))
+    assert float(off_subspace.min()) > 10 and float(far_along.median()) > 10
+
+
+def test_non_hand_images_are_written():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_non_hand_images(tmp, size=64)
+        assert len(paths) == 10 and all(p.stat().st_size > 0 for p in paths)
+        assert {"blank_black", "chest_film_0", "photo_china"} <= {p.stem for p in paths}
+
+
+def test_fit_store_and_refuse_non_hand_images(tmp_path):
+    labels, images = write_rsna_folder(tmp_path / "data", n=40, size=64)
+    table = read_labels(labels, images)
+    torch.manual_seed(0)
+    model = BoneAgeNet(ModelConfig(target_offset=110, target_scale=60))
+    load_pretrained(model, "auto")
+    folder = save_model_folder(tmp_path / "model", model.eval(), DataConfig(image_size=64))
+    non_hand = write_non_hand_images(tmp_path / "nonhand", size=96)
+    summary = fit_for_model(folder, table[:24], table[24:], non_hand, n_components=8)
+    assert summary["n_heldout_val"] == 8 and 0 <= summary["acceptance_heldout_val"] <= 1
+    assert summary["rejection_non_hand"] >= 0.5  # noise, blanks and photos are far from synthetic hands
+    predictor = Predictor.load(folder)
+    assert predictor.assessability is not None and predictor.assessability.threshold > 0
+    rows = predict_paths(
+        [non_hand[0], table["path"][30]], tmp_path / "p.csv", model_dir=folder, sex="F", progress=False
+    )
+    blank = rows.set_index("id").loc["blank_black"]
+    assert blank["status"] == "not assessable" and "does not look like" in blank["message"]
+    assert np.isnan(blank["bone_age_months"])
+
+    (folder / ASSESSABILITY_FILE).write_bytes(b"tampered")
+    with pytest.raises(ModelFolderError, match="checksum"):
+        Predictor.load(folder)
