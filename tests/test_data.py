@@ -335,3 +335,23 @@ def test_dataset_samples_and_cache_match(rsna_folder):
     assert int(sample["stage"]) == stage_of(table["boneage"][3])
     # uint8 cache: at most half a grey level away from the float path, after normalisation by std ~0.22
     assert (cached[3]["image"] - sample["image"]).abs().max() < 0.6 / 255 / 0.22
+
+
+@pytest.mark.parametrize(
+    ("tags", "male", "age"),
+    [
+        ({"PatientSex": "M", "PatientAge": "010Y"}, True, 120.0),
+        ({"PatientSex": "F", "PatientAge": "006M"}, False, 6.0),
+        ({"PatientSex": "O", "PatientBirthDate": "20150301", "StudyDate": "20250301"}, None, 120.0),
+        ({}, None, None),
+    ],
+)
+def test_dicom_patient_info(tmp_path, tags, male, age):
+    from boneage.data import dicom_patient_info
+
+    path = write_dicom(tmp_path / "x.dcm", np.zeros((8, 8), dtype=np.uint16), **tags)
+    info = dicom_patient_info(path)
+    assert info["male"] is male
+    assert info["age_months"] == (pytest.approx(age, abs=0.1) if age is not None else None)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    assert dicom_patient_info(tmp_path / "x.png") == {"male": None, "age_months": None}

@@ -33,6 +33,14 @@ def image_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def test_sex_from_the_dicom_header(model_dir, tmp_path):
+    path = write_dicom(tmp_path / "h.dcm", synthetic_radiograph(90).astype("uint16") * 16, PatientSex="F")
+    table = predict_paths([path], tmp_path / "p.csv", model_dir=model_dir, progress=False)
+    assert table["status"][0] == "ok" and table["male"].tolist() == [False]
+    male = predict_paths([path], tmp_path / "m.csv", model_dir=model_dir, sex="M", progress=False)
+    assert male["male"].tolist() == [True]  # the --sex flag wins over the header
+
+
 def test_format_age():
     assert format_age(182.4) == "15y 2m" and format_age(11.6) == "1y 0m" and format_age(0) == "0y 0m"
 
@@ -54,7 +62,7 @@ def test_predict_batch_goes_on_past_bad_files(image_folder, model_dir, tmp_path)
     by_id = written.set_index("id")
     assert by_id.loc["a", "status"] == "ok" and by_id.loc["b", "status"] == "ok"
     assert "broken.png: cannot decode" in by_id.loc["broken", "message"]
-    assert by_id.loc["c", "status"] == "error" and "sex unknown" in by_id.loc["c", "message"]
+    assert by_id.loc["c", "status"] == "error" and "sex unknown" in by_id.loc["c", "message"]  # no PatientSex
     assert by_id.loc["a", "stage"] in {"Infant/Toddler", "Child", "Pre-adolescent", "Adolescent"}
     assert 0 < by_id.loc["a", "bone_age_months"] < 400
     assert len(table) == 4

@@ -362,6 +362,38 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     return image
 
 
+def dicom_patient_info(path: str | Path) -> dict[str, Any]:
+    """Sex and chronological age from a DICOM header (pixels not read): ``{"male": bool | None, "age_months":
+    float | None}``. Age from PatientAge (``010Y``, ``006M``, ``030W``, ``100D``), else StudyDate - PatientBirthDate.
+    A file that is not DICOM gives both None."""
+    path = Path(path)
+    if not path.is_file() or not _is_dicom(path):
+        return {"male": None, "age_months": None}
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # an unreadable header is reported when the pixels are read
+        return {"male": None, "age_months": None}
+    sex = str(header.get("PatientSex", "")).strip().upper()
+    male = True if sex == "M" else False if sex == "F" else None
+    age_months = None
+    age_text = str(header.get("PatientAge", "")).strip().upper()
+    units = {"Y": 12.0, "M": 1.0, "W": 12.0 / 52.1775, "D": 12.0 / 365.25}
+    if len(age_text) == 4 and age_text[:3].isdigit() and age_text[3] in units:
+        age_months = int(age_text[:3]) * units[age_text[3]]
+    else:
+        import datetime as dt
+
+        try:
+            born = dt.datetime.strptime(str(header.PatientBirthDate), "%Y%m%d")
+            studied = dt.datetime.strptime(str(header.StudyDate), "%Y%m%d")
+            age_months = (studied - born).days / 365.25 * 12
+        except (AttributeError, ValueError):
+            pass
+    return {"male": male, "age_months": age_months}
+
+
 # --------------------------------------------------------------------------------------------------- transforms
 
 

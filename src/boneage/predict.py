@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from boneage.config import DataConfig
-from boneage.data import STAGE_NAMES, ImageReadError, parse_sex, preprocess, stage_of
+from boneage.data import STAGE_NAMES, ImageReadError, dicom_patient_info, parse_sex, preprocess, stage_of
 from boneage.model import BoneAgeNet, ModelFolderError, contract_from_description, load_model_folder
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def predict_paths(
             [...]}`` with the same fields per image.
         model_dir: a model folder; the packaged default model when None.
         metadata: CSV with ``id,male`` per image id (file stem); overrides ``sex`` for the ids it lists.
-        sex: ``M`` or ``F`` for every image.
+        sex: ``M`` or ``F`` for every image without metadata; DICOM files without either use PatientSex.
         backend: ``torch`` (a model folder) or ``onnx`` (``model_dir`` is an exported ``.onnx`` file).
         tta: average each prediction with that of the mirrored image.
 
@@ -274,10 +274,12 @@ def predict_paths(
         raise ValueError(f"no images found in {', '.join(map(str, paths))} (expected .png/.jpg/.jpeg/.dcm files)")
     table = read_metadata(metadata) if metadata else None
     sexes: list[bool | None] = []
-    for path in files:
+    for path in files:  # precedence: metadata CSV, then --sex, then the DICOM header's PatientSex
         value = default_sex
         if table is not None and path.stem in table.index and "male" in table.columns:
             value = parse_sex(table.at[path.stem, "male"])
+        if value is None:
+            value = dicom_patient_info(path)["male"]
         sexes.append(value)
     predictor = Predictor.load(model_dir, backend)
     predictor.tta_hflip = tta
