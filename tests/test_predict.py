@@ -142,3 +142,19 @@ def test_json_output_has_the_same_rows(image_folder, model_dir, tmp_path):
     assert set(first) == set(PREDICTION_COLUMNS) and first["id"] == "a" and first["status"] == "ok"
     assert first["bone_age_months"] == pytest.approx(table["bone_age_months"][0])
     assert not (tmp_path / "p.partial.jsonl").exists()
+
+
+def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, model_dir, tmp_path, capsys):
+    from boneage.predict import resolve_sexes
+
+    dicom = write_dicom(tmp_path / "d.dcm", synthetic_radiograph(90).astype("uint16") * 16, PatientSex="M")
+    plain = image_folder / "a.png"
+    metadata = tmp_path / "meta.csv"
+    pd.DataFrame({"id": ["a"], "male": ["F"]}).to_csv(metadata, index=False)
+    assert resolve_sexes([plain, dicom]) == [None, True]
+    assert resolve_sexes([plain, dicom], sex="F") == [False, False]
+    assert resolve_sexes([plain, dicom], sex="M", metadata=metadata) == [False, True]
+    with pytest.raises(ValueError, match="--sex: expected M or F"):
+        resolve_sexes([plain], sex="unknown")
+    assert main(["gradcam", str(plain), "--model", str(model_dir), "--output", str(tmp_path / "g.png")]) == 2
+    assert "sex unknown for" in capsys.readouterr().err and not (tmp_path / "g.png").exists()

@@ -21,7 +21,7 @@ import torch
 
 from boneage.data import read_labels, read_split
 from boneage.evaluate import evaluate
-from boneage.model import load_model_folder, save_model_folder
+from boneage.model import contract_from_description, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
 from boneage.quality import fit_for_model, write_non_hand_images
 from boneage.uncertainty import calibrate_interval, store_interval
@@ -74,8 +74,6 @@ def main() -> None:
         tmp = Path(tmp_name)
         fp32 = _summary(_score(args.run_dir / "model", tmp, "fp32"))
         staged = tmp / "staged"
-        from boneage.model import contract_from_description
-
         save_model_folder(
             staged,
             model,

@@ -148,29 +148,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sexes_for(paths: list[Path], sex: str | None, metadata: str | None) -> list[bool]:
-    from boneage.data import parse_sex
-    from boneage.predict import read_metadata
-
-    table = read_metadata(metadata) if metadata else None
-    sexes = []
-    for path in paths:
-        value = parse_sex(sex) if sex else None
-        if table is not None and path.stem in table.index and "male" in table.columns:
-            value = parse_sex(table.at[path.stem, "male"])
-        if value is None:
-            raise ValueError(f"{path}: sex unknown; pass --sex M|F or --metadata CSV with id,male")
-        sexes.append(value)
-    return sexes
-
-
 def _cmd_gradcam(args: argparse.Namespace) -> int:
     from boneage.explain import gradcam_grid
-    from boneage.predict import Predictor, collect_images
+    from boneage.predict import Predictor, collect_images, resolve_sexes
 
     paths = collect_images(args.paths)[: args.max_images]
+    sexes = resolve_sexes(paths, args.sex, args.metadata)
+    unknown = [str(p) for p, male in zip(paths, sexes) if male is None]
+    if unknown:
+        raise ValueError(f"sex unknown for {', '.join(unknown)}; pass --sex M|F or --metadata CSV with id,male")
     predictor = Predictor.load(args.model)
-    gradcam_grid(predictor.model, predictor.contract, paths, _sexes_for(paths, args.sex, args.metadata), args.output)
+    gradcam_grid(predictor.model, predictor.contract, paths, [bool(m) for m in sexes], args.output)
     print(f"wrote {args.output} ({len(paths)} images)")
     return 0
 

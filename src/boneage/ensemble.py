@@ -72,7 +72,8 @@ def fit_ensemble(
     predictor = Predictor.load(model_dir)
     if predictor.task != "regression":
         raise ValueError("the XGBoost ensemble blends bone-age regressions; this model is a stage classifier")
-    table = read_labels(labels, images).merge(read_split(split, read_labels(labels)), on="id")
+    table = read_labels(labels, images)
+    table = table.merge(read_split(split, table), on="id")
     train = table[table["split"] == "train"].reset_index(drop=True)
     val = table[table["split"] == "val"].reset_index(drop=True)
     halves = make_split(val, fractions=(0.5, 0.5, 0.0), seed=seed)  # "train" = calibration, "val" = evaluation

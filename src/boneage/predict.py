@@ -73,6 +73,30 @@ def read_metadata(metadata_csv: str | Path) -> pd.DataFrame:
     return frame.set_index("id")
 
 
+def resolve_sexes(
+    files: Sequence[Path], sex: str | None = None, metadata: str | Path | None = None
+) -> list[bool | None]:
+    """Each file's sex (True = male): the metadata CSV's ``male`` for its id, else ``sex`` (M/F), else a DICOM file's
+    PatientSex; None where none of them says (never guessed).
+
+    Raises:
+        ValueError: ``sex`` is given but is not M or F.
+    """
+    default_sex = parse_sex(sex) if sex is not None else None
+    if sex is not None and default_sex is None:
+        raise ValueError(f"--sex: expected M or F, got {sex!r}")
+    table = read_metadata(metadata) if metadata else None
+    sexes: list[bool | None] = []
+    for path in files:
+        value = default_sex
+        if table is not None and path.stem in table.index and "male" in table.columns:
+            value = parse_sex(table.at[path.stem, "male"])
+        if value is None:
+            value = dicom_patient_info(path)["male"]
+        sexes.append(value)
+    return sexes
+
+
 def format_age(months: float) -> str:
     """182.4 -> '15y 2m'."""
     total = int(round(months))
@@ -264,23 +288,10 @@ def predict_paths(
     Returns:
         The predictions as a frame (also written to ``output``).
     """
-    default_sex = None
-    if sex is not None:
-        default_sex = parse_sex(sex)
-        if default_sex is None:
-            raise ValueError(f"--sex: expected M or F, got {sex!r}")
     files = collect_images(paths)
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, paths))} (expected .png/.jpg/.jpeg/.dcm files)")
-    table = read_metadata(metadata) if metadata else None
-    sexes: list[bool | None] = []
-    for path in files:  # precedence: metadata CSV, then --sex, then the DICOM header's PatientSex
-        value = default_sex
-        if table is not None and path.stem in table.index and "male" in table.columns:
-            value = parse_sex(table.at[path.stem, "male"])
-        if value is None:
-            value = dicom_patient_info(path)["male"]
-        sexes.append(value)
+    sexes = resolve_sexes(files, sex, metadata)
     predictor = Predictor.load(model_dir, backend)
     predictor.tta_hflip = tta
     output = Path(output)
