@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -471,11 +470,6 @@ def preprocess(path: str | Path, contract: DataConfig) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- dataset
 
 
-@dataclass
-class _Cache:
-    images: torch.Tensor  # (N, S, S) uint8
-
-
 class BoneAgeDataset(Dataset):
     """Labelled radiographs as sample dicts.
 
@@ -500,7 +494,7 @@ class BoneAgeDataset(Dataset):
         self.contract = contract
         self.augment = augment
         self.cache_enabled = cache
-        self._cache: _Cache | None = None
+        self._cache: torch.Tensor | None = None  # (N, S, S) uint8, filled by fill_cache
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -515,13 +509,13 @@ class BoneAgeDataset(Dataset):
         images = torch.empty((len(self), size, size), dtype=torch.uint8)
         for i in tqdm(range(len(self)), desc="decoding images", disable=not progress, leave=False):
             images[i] = (load_resized(self.paths[i], self.contract)[0] * 255.0).round_().to(torch.uint8)
-        self._cache = _Cache(images)
+        self._cache = images
 
     def _image(self, index: int) -> torch.Tensor:
         if self.cache_enabled:
             self.fill_cache()
             assert self._cache is not None
-            return self._cache.images[index][None].float() / 255.0
+            return self._cache[index][None].float() / 255.0
         return load_resized(self.paths[index], self.contract)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
