@@ -83,3 +83,15 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
         setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def make_tiny_model(folder: Path, image_size: int = 64) -> Path:
+    """A randomly initialised, untrained model folder (no download): fast to load and run in tests."""
+    import torch
+
+    from boneage.config import DataConfig, ModelConfig
+    from boneage.model import BoneAgeNet, save_model_folder
+
+    torch.manual_seed(0)
+    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
+    return save_model_folder(folder, model, DataConfig(image_size=image_size))

@@ -8,17 +8,13 @@ import torch
 from PIL import Image
 
 from boneage.cli import main
-from boneage.config import DataConfig, ModelConfig
-from boneage.model import BoneAgeNet, save_model_folder
 from boneage.predict import PREDICTION_COLUMNS, Predictor, collect_images, format_age, predict_paths
-from tests.conftest import synthetic_radiograph, write_dicom
+from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
 
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
-    return save_model_folder(tmp_path / "model", model, DataConfig(image_size=64))
+    return make_tiny_model(tmp_path / "model")
 
 
 @pytest.fixture

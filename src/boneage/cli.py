@@ -97,6 +97,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from boneage.predict import predict_paths
 
     table = predict_paths(
@@ -110,6 +112,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         backend=args.backend,
         tta=args.tta,
+        chronological_age=args.age,
+        gradcam_dir=args.gradcam,
     )
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
@@ -119,7 +123,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 has_interval = row.upper_months is not None and row.upper_months == row.upper_months  # not NaN
                 interval = f", interval {row.lower_months:.0f}-{row.upper_months:.0f}" if has_interval else ""
                 age = f"{row.bone_age_months:.1f} months ({row.bone_age})"
-                print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]")
+                clinical = ""
+                if pd.notna(row.chronological_age_months):
+                    clinical = f"; age {row.chronological_age_months:.0f} months, BA-CA {row.ba_minus_ca_months:+.1f}"
+                    clinical += f", SDS {row.sds:+.2f} ({row.call})" if pd.notna(row.sds) else ""
+                    clinical += f" ({row.message})" if row.message else ""
+                print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]{clinical}")
             else:
                 print(f"{row.id}: {row.status}: {row.message}")
     counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
@@ -129,6 +138,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for row in failed.head(20).itertuples():
         print(f"  {row.message}", file=sys.stderr)  # every message names its file
     return 3 if len(failed) else 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from boneage.serve import serve
+
+    serve(args.host, args.port, args.model, args.backend, args.max_upload_mb)
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -281,8 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="inference engine")
     predict.add_argument("--tta", action="store_true", help="average with the mirrored image (twice the compute)")
-    predict.add_argument("--metadata", help="CSV with id,male per image id (the file stem)")
+    predict.add_argument(
+        "--metadata",
+        help="CSV with id,male[,chronological_age_months] per image id (the file stem)",
+    )
     predict.add_argument("--sex", help="M or F, for every image without metadata")
+    predict.add_argument(
+        "--age",
+        metavar="MONTHS",
+        help="chronological age in months, for every image without metadata (adds BA-CA, SDS and the call)",
+    )
+    predict.add_argument("--gradcam", metavar="DIR", help="write each image's Grad-CAM overlay PNG here")
     predict.add_argument(
         "--output",
         default="predictions.csv",
@@ -292,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_cmd_predict)
+
+    serve = commands.add_parser(
+        "serve",
+        help="web dashboard and JSON API (POST /api/v1/predict, GET /api/v1/health)",
+        description="Serve the dashboard at http://HOST:PORT/ and the API under /api/v1 (OpenAPI at /docs).",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
+    serve.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="inference engine")
+    serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload (default: 32)")
+    serve.set_defaults(func=_cmd_serve)
 
     evaluate = commands.add_parser("evaluate", help="score a prediction CSV against labels (MAE, QWK, per sex ...)")
     evaluate.add_argument("--predictions", required=True, help="CSV from boneage predict (id,bone_age_months,...)")

@@ -64,6 +64,35 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, image_weight: float = 0.55) 
     return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=image_weight)
 
 
+def gradcam_overlay(
+    model: BoneAgeNet, contract: Any, path: str | Path, male: bool, max_side: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """The radiograph at display size and its Grad-CAM overlay, both (H, W, 3) uint8 RGB, longest side
+    ``max_side``. The heatmap is mapped back onto the whole image the way the model's resize mapped the image."""
+    from PIL import Image
+
+    from boneage.data import read_image
+
+    gray = read_image(path)  # (H, W) in [0, 1]
+    height, width = gray.shape
+    scale = min(1.0, max_side / max(height, width))
+    shown_h, shown_w = max(1, round(height * scale)), max(1, round(width * scale))
+    shown = np.asarray(Image.fromarray(gray).resize((shown_w, shown_h), Image.BILINEAR), dtype=np.float32)
+    image = normalize(load_resized(path, contract), contract)[None]  # (1, C, S, S)
+    heatmap = grad_cam(model, image, torch.tensor([int(male)]))[0]  # (S, S)
+    if contract.resize_mode == "letterbox":  # keep only the part of the square that holds the image
+        size = contract.image_size
+        inner_h, inner_w = (
+            max(1, round(height * size / max(height, width))),
+            max(1, round(width * size / max(height, width))),
+        )
+        top, left = (size - inner_h) // 2, (size - inner_w) // 2
+        heatmap = heatmap[top : top + inner_h, left : left + inner_w]
+    heatmap = np.asarray(Image.fromarray(heatmap).resize((shown_w, shown_h), Image.BILINEAR), dtype=np.float32)
+    rgb = (np.repeat(shown.clip(0, 1)[..., None], 3, axis=2) * 255).round().astype(np.uint8)
+    return rgb, overlay(shown.clip(0, 1), heatmap.clip(0, 1))
+
+
 def gradcam_grid(
     model: BoneAgeNet,
     contract: Any,

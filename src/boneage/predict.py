@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from boneage.clinical import compare_ages, parse_chronological_age
 from boneage.config import DataConfig
 from boneage.data import STAGE_NAMES, ImageReadError, dicom_patient_info, parse_sex, preprocess, stage_of
 from boneage.model import BoneAgeNet, ModelFolderError, contract_from_description, load_model_folder
@@ -37,6 +38,10 @@ PREDICTION_COLUMNS = [
     "upper_months",
     "bone_age",
     "stage",
+    "chronological_age_months",
+    "ba_minus_ca_months",
+    "sds",
+    "call",
     "status",
     "message",
 ]
@@ -95,6 +100,32 @@ def resolve_sexes(
             value = dicom_patient_info(path)["male"]
         sexes.append(value)
     return sexes
+
+
+def resolve_ages(
+    files: Sequence[Path], chronological_age: float | str | None = None, metadata: str | Path | None = None
+) -> list[float | None]:
+    """Each file's chronological age in months: the metadata CSV's ``chronological_age_months`` for its id, else
+    ``chronological_age``, else a DICOM file's PatientAge (or StudyDate - PatientBirthDate); None where none says.
+
+    Raises:
+        ValueError: an age is not a number of months in [0, 240], naming where it came from.
+    """
+    default_age = parse_chronological_age(chronological_age, "--age")
+    table = read_metadata(metadata) if metadata else None
+    column = "chronological_age_months"
+    ages: list[float | None] = []
+    for path in files:
+        value = None
+        if table is not None and column in table.columns and path.stem in table.index:
+            value = parse_chronological_age(table.at[path.stem, column], f"{metadata}: id {path.stem}, {column}")
+        if value is None:
+            value = default_age
+        if value is None:
+            dicom_age = dicom_patient_info(path)["age_months"]
+            value = parse_chronological_age(dicom_age, f"{path}: DICOM PatientAge") if dicom_age is not None else None
+        ages.append(value)
+    return ages
 
 
 def format_age(months: float) -> str:
@@ -208,8 +239,13 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int | None = None,
         progress: bool = False,
+        ages: list[float | None] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Yield one result row per path, in order; unreadable files and unknown sex give an error row."""
+        """Yield one result row per path, in order; unreadable files and unknown sex give an error row.
+
+        With a chronological age for a file (``ages``), its row also carries BA - CA, the SDS and the call
+        (:func:`boneage.clinical.compare_ages`).
+        """
         from tqdm.auto import tqdm
 
         workers = _num_workers(num_workers, len(paths))
@@ -256,6 +292,11 @@ class Predictor:
                             status="ok",
                             message="",
                         )
+                        chronological = ages[item.index] if ages is not None else None
+                        if regression and chronological is not None:
+                            clinical = compare_ages(age, chronological, bool(sexes[item.index]))
+                            rows[item.index]["message"] = clinical.pop("clinical_note")
+                            rows[item.index].update(clinical)
                 for index in sorted(rows):
                     yield rows[index]
                 bar.update(len(items))
@@ -272,6 +313,8 @@ def predict_paths(
     progress: bool = True,
     backend: str = "torch",
     tta: bool = False,
+    chronological_age: float | str | None = None,
+    gradcam_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
 
@@ -284,6 +327,10 @@ def predict_paths(
         sex: ``M`` or ``F`` for every image without metadata; DICOM files without either use PatientSex.
         backend: ``torch`` (a model folder) or ``onnx`` (``model_dir`` is an exported ``.onnx`` file).
         tta: average each prediction with that of the mirrored image.
+        chronological_age: months, for every image without ``chronological_age_months`` in the metadata; DICOM
+            files without either use PatientAge or the birth and study dates. Adds BA - CA, SDS and the call.
+        gradcam_dir: write ``<id>_gradcam.png`` (the radiograph beside its Grad-CAM overlay) here for every
+            predicted image, and its path in a ``gradcam_path`` column (PyTorch backend only).
 
     Returns:
         The predictions as a frame (also written to ``output``).
@@ -292,8 +339,12 @@ def predict_paths(
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, paths))} (expected .png/.jpg/.jpeg/.dcm files)")
     sexes = resolve_sexes(files, sex, metadata)
+    ages = resolve_ages(files, chronological_age, metadata)
+    if gradcam_dir is not None and backend != "torch":
+        raise ValueError("--gradcam needs the PyTorch backend (Grad-CAM takes gradients through the model)")
     predictor = Predictor.load(model_dir, backend)
     predictor.tta_hflip = tta
+    columns = PREDICTION_COLUMNS + (["gradcam_path"] if gradcam_dir is not None else [])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -301,12 +352,14 @@ def predict_paths(
     # rows are streamed as they finish (CSV, or JSON Lines beside a .json output) so a stopped batch keeps them
     stream_path = output.with_suffix(".partial.jsonl") if as_json else output
     with open(stream_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         if not as_json:
             writer.writeheader()
-        for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress):
+        for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages):
+            if gradcam_dir is not None and row["status"] == "ok":
+                row["gradcam_path"] = str(save_gradcam(predictor, row["path"], bool(row["male"]), gradcam_dir))
             if as_json:
-                handle.write(json.dumps({k: row.get(k) for k in PREDICTION_COLUMNS}) + "\n")
+                handle.write(json.dumps({k: row.get(k) for k in columns}) + "\n")
             else:
                 writer.writerow(row)
             handle.flush()
@@ -318,8 +371,23 @@ def predict_paths(
                 "boneage_version": predictor.description.get("boneage_version"),
                 "weights_sha256": predictor.description.get("weights_sha256"),
             },
-            "predictions": [{k: row.get(k) for k in PREDICTION_COLUMNS} for row in rows],
+            "predictions": [{k: row.get(k) for k in columns} for row in rows],
         }
         output.write_text(json.dumps(document, indent=2))
         stream_path.unlink()
-    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def save_gradcam(predictor: Predictor, path: str | Path, male: bool, folder: str | Path) -> Path:
+    """``<folder>/<id>_gradcam.png``: the radiograph and its Grad-CAM overlay side by side."""
+    import numpy as np
+    from PIL import Image
+
+    from boneage.explain import gradcam_overlay
+
+    image, heat = gradcam_overlay(predictor.model, predictor.contract, path, male)
+    gap = np.full((image.shape[0], 8, 3), 255, dtype=np.uint8)
+    target = Path(folder) / f"{Path(path).stem}_gradcam.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([image, gap, heat], axis=1)).save(target)
+    return target

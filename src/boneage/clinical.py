@@ -1,0 +1,97 @@
+"""Bone age against chronological age: the difference, a standard deviation score (SDS) and the clinical call.
+
+The SDS divides ``bone age - chronological age`` by the standard deviation of skeletal age of healthy children of the
+same sex and chronological age. Those standard deviations are the Brush Foundation Study values printed with the
+Greulich-Pyle atlas:
+
+    Greulich WW, Pyle SI. Radiographic Atlas of Skeletal Development of the Hand and Wrist, 2nd edition.
+    Stanford University Press, 1959 (standard deviations of skeletal age by chronological age, Brush Foundation
+    Study of Human Growth and Development, Cleveland, Ohio).
+
+The table lists boys from 3 to 204 months and girls from 3 to 192 months; between its ages the SD is interpolated
+linearly. Outside them there is no reference, so no SDS is given (never an extrapolated one). The call follows the
+usual two-SD rule: ``delayed`` below -2, ``advanced`` above +2, ``normal`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+REFERENCE = "Greulich & Pyle (1959), Brush Foundation standard deviations"
+SDS_LIMIT = 2.0
+
+# chronological age (months) -> SD of skeletal age (months)
+_AGES_MALE = (3, 6, 9, 12, 18, 24, 30, 36, 42, 48, 54, 60, 72, 84, 96, 108, 120, 132, 144, 156, 168, 180, 192, 204)
+_SD_MALE = (
+    0.69, 1.13, 1.43, 1.97, 3.52, 3.92, 4.52, 5.08, 5.40, 6.66, 8.36, 8.79,
+    9.17, 8.91, 9.10, 9.00, 9.79, 10.09, 10.38, 10.44, 10.72, 11.32, 12.86, 13.05,
+)  # fmt: skip
+_AGES_FEMALE = _AGES_MALE[:-1]
+_SD_FEMALE = (
+    0.72, 1.16, 1.36, 1.77, 3.49, 4.64, 5.37, 5.97, 7.48, 8.98, 10.73, 11.65,
+    10.23, 9.64, 10.23, 10.74, 11.73, 11.94, 10.24, 10.67, 11.30, 9.23, 7.31,
+)  # fmt: skip
+REFERENCE_SD: dict[bool, tuple[np.ndarray, np.ndarray]] = {
+    True: (np.asarray(_AGES_MALE, dtype=float), np.asarray(_SD_MALE, dtype=float)),
+    False: (np.asarray(_AGES_FEMALE, dtype=float), np.asarray(_SD_FEMALE, dtype=float)),
+}
+MAX_CHRONOLOGICAL_AGE_MONTHS = 240.0
+
+
+def reference_sd(chronological_age_months: float, male: bool) -> float | None:
+    """The SD of skeletal age (months) for a child of this age and sex; None outside the reference table."""
+    ages, sds = REFERENCE_SD[bool(male)]
+    if not ages[0] <= chronological_age_months <= ages[-1]:
+        return None
+    return float(np.interp(chronological_age_months, ages, sds))
+
+
+def parse_chronological_age(value: Any, source: str = "chronological age") -> float | None:
+    """Months from a number or numeric string; None for empty. Raises ValueError naming ``source`` otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        months = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: expected a number of months, got {value!r}") from None
+    if not math.isfinite(months) or not 0.0 <= months <= MAX_CHRONOLOGICAL_AGE_MONTHS:
+        raise ValueError(f"{source}: expected months between 0 and {MAX_CHRONOLOGICAL_AGE_MONTHS:g}, got {value!r}")
+    return months
+
+
+def compare_ages(bone_age_months: float, chronological_age_months: float, male: bool) -> dict[str, Any]:
+    """``ba_minus_ca_months``, ``sds`` and ``call`` (delayed / normal / advanced) for one child.
+
+    Outside the reference ages ``sds`` and ``call`` are None and ``clinical_note`` says why.
+
+    Example:
+        >>> compare_ages(100.0, 120.0, male=True)["call"]
+        'delayed'
+    """
+    difference = bone_age_months - chronological_age_months
+    sd = reference_sd(chronological_age_months, male)
+    result: dict[str, Any] = {
+        "chronological_age_months": round(chronological_age_months, 2),
+        "ba_minus_ca_months": round(difference, 2),
+        "reference_sd_months": None,
+        "sds": None,
+        "call": None,
+        "clinical_note": "",
+    }
+    if sd is None:
+        ages = REFERENCE_SD[bool(male)][0]
+        result["clinical_note"] = (
+            f"no SDS: chronological age {chronological_age_months:.1f} months is outside the reference "
+            f"({ages[0]:g}-{ages[-1]:g} months for {'boys' if male else 'girls'})"
+        )
+        return result
+    sds = difference / sd
+    result.update(
+        reference_sd_months=round(sd, 2),
+        sds=round(sds, 2),
+        call="delayed" if sds < -SDS_LIMIT else "advanced" if sds > SDS_LIMIT else "normal",
+    )
+    return result

@@ -1,0 +1,235 @@
+"""Web dashboard and JSON API: ``boneage serve``.
+
+``GET /`` is a single page where a clinician uploads a radiograph (PNG, JPEG or DICOM), enters or confirms sex and
+chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the
+SDS and the call. ``POST /api/v1/predict`` does the same for other systems, ``GET /api/v1/health`` says whether the
+model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
+
+Every prediction goes through :meth:`boneage.predict.Predictor.predict_files`, the code path of ``boneage predict``.
+Bad input gets a 4xx JSON ``{"detail": ...}``; an unexpected failure a 500 without a stack trace. The log holds a
+request number, status, size and latency: never a file name, a DICOM tag or any other patient detail.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
+import base64
+import io
+import logging
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from boneage import __version__
+from boneage.clinical import REFERENCE, parse_chronological_age
+from boneage.data import ImageReadError, dicom_patient_info, parse_sex
+from boneage.predict import PREDICTION_COLUMNS, Predictor
+
+logger = logging.getLogger("boneage.serve")
+
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+_SUFFIXES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg"}
+
+
+class InputError(Exception):
+    """A request the server will not predict on: ``status_code`` and a message for the client."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _suffix_for(data: bytes) -> str:
+    """The file type from its first bytes (the upload's name and content type are not trusted)."""
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return ".dcm"
+    for magic, suffix in _SUFFIXES.items():
+        if data.startswith(magic):
+            return suffix
+    raise InputError(415, "unsupported file type: expected a PNG, JPEG or DICOM (Part 10, with the DICM preamble)")
+
+
+def _png_base64(rgb: Any) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class BoneAgeService:
+    """One loaded model behind a lock (Grad-CAM hooks the model, so requests take turns on it)."""
+
+    def __init__(self, predictor: Any, backend: str) -> None:
+        self.predictor = predictor
+        self.backend = backend
+        self.lock = threading.Lock()
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        description = self.predictor.description
+        return {
+            "name": Path(self.predictor.model_dir).name,
+            "boneage_version": description.get("boneage_version"),
+            "weights_sha256": description.get("weights_sha256"),
+            "backbone": description.get("model", {}).get("backbone"),
+            "image_size": description.get("data_contract", {}).get("image_size"),
+            "backend": self.backend,
+            "val_mae_months": description.get("metrics", {}).get("val", {}).get("mae_months"),
+            "interval_coverage": description.get("uncertainty", {}).get("evaluation", {}).get("coverage"),
+        }
+
+    def predict(self, data: bytes, sex: str | None, age: str | None, gradcam: bool) -> dict[str, Any]:
+        """One upload -> the report dict. Raises InputError for anything the client must fix."""
+        male = None
+        if sex is not None and sex.strip():
+            male = parse_sex(sex.strip())
+            if male is None or sex.strip().upper() not in ("M", "F"):
+                raise InputError(422, f"sex: expected M or F, got {sex!r}")
+        try:
+            chronological = parse_chronological_age(age, "chronological_age_months")
+        except ValueError as err:
+            raise InputError(422, str(err)) from None
+        suffix = _suffix_for(data)
+        with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
+            path = Path(folder) / f"upload{suffix}"
+            path.write_bytes(data)
+            header = dicom_patient_info(path) if suffix == ".dcm" else {"male": None, "age_months": None}
+            sex_source = "form" if male is not None else "dicom" if header["male"] is not None else None
+            male = male if male is not None else header["male"]
+            age_source = "form" if chronological is not None else None
+            if chronological is None and header["age_months"] is not None:
+                try:
+                    chronological = parse_chronological_age(header["age_months"], "DICOM PatientAge")
+                    age_source = "dicom"
+                except ValueError:
+                    chronological = None  # an implausible header age is ignored, not used
+            if male is None:
+                raise InputError(422, "sex unknown: send sex=M or sex=F (the file carries no DICOM PatientSex)")
+            with self.lock:
+                row = next(self.predictor.predict_files([path], [male], ages=[chronological]))
+                if row["status"] == "error":
+                    message = row["message"].replace(str(path), "upload")
+                    code = 413 if "exceeds the limit" in message else 400
+                    raise InputError(code, message)
+                if row["status"] == "not assessable":
+                    raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
+                images = None
+                if gradcam and self.backend == "torch":
+                    from boneage.explain import gradcam_overlay
+
+                    images = gradcam_overlay(self.predictor.model, self.predictor.contract, path, male)
+        report = {k: row.get(k) for k in PREDICTION_COLUMNS if k not in ("id", "path")}  # every field, None if unknown
+        report.update(sex="M" if male else "F", sex_source=sex_source, age_source=age_source)
+        report["sds_reference"] = REFERENCE if report.get("sds") is not None else None
+        report["model"] = self.model_info
+        if gradcam:
+            if images is None:
+                report["gradcam_note"] = "Grad-CAM needs the PyTorch backend"
+            else:
+                report["image_png"], report["gradcam_png"] = _png_base64(images[0]), _png_base64(images[1])
+        return report
+
+
+def create_app(
+    model_dir: str | Path | None = None, backend: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES
+) -> Any:
+    """The FastAPI application with the model loaded (``model_dir``: a model folder, default the shipped model; or an
+    ``.onnx`` file with ``backend="onnx"``)."""
+    try:
+        from fastapi import FastAPI, File, Form, Request, UploadFile
+        from fastapi.responses import HTMLResponse, JSONResponse
+    except ImportError as err:
+        raise ImportError("boneage serve needs FastAPI: pip install 'boneage[serve]'") from err
+
+    service = BoneAgeService(Predictor.load(model_dir, backend), backend)
+    app = FastAPI(
+        title="boneage",
+        version=__version__,
+        description="Bone age from a hand radiograph, with a 90% interval, SDS and call. Decision support for "
+        "research use, not a medical device.",
+    )
+    app.state.service = service
+    counter = iter(range(1, 1 << 62))
+
+    @app.middleware("http")
+    async def limit_and_log(request: Request, call_next: Any) -> Any:
+        number, start = next(counter), time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
+            response: Any = JSONResponse(
+                {"detail": f"upload too large: {int(length):,} bytes; the limit is {max_upload_bytes:,}"},
+                status_code=413,
+            )
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # never a stack trace to the client; the log keeps it (no patient data in it)
+                logger.exception("request %d failed", number)
+                response = JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
+        logger.info(
+            "request %d %s %s -> %d, %s bytes, %.0f ms",
+            number,
+            request.method,
+            request.url.path,
+            response.status_code,
+            length or "?",
+            1000 * (time.perf_counter() - start),
+        )
+        return response
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, err: InputError) -> JSONResponse:
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> str:
+        return (resources.files("boneage") / "static" / "dashboard.html").read_text(encoding="utf-8")
+
+    @app.get("/api/v1/health")
+    def health() -> dict[str, Any]:
+        """Liveness and the loaded model."""
+        return {"status": "ok", "model": service.model_info}
+
+    @app.post("/api/v1/predict")
+    def predict(
+        file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph of the left hand")],
+        sex: Annotated[str | None, Form(description="M or F; DICOM PatientSex when omitted")] = None,
+        chronological_age_months: Annotated[
+            str | None, Form(description="months; DICOM PatientAge or birth/study dates when omitted")
+        ] = None,
+        gradcam: Annotated[
+            bool, Form(description="also return the radiograph and its Grad-CAM overlay as PNG base64")
+        ] = False,
+    ) -> dict[str, Any]:
+        """Bone age (months), 90% interval, stage; with a chronological age also BA - CA, SDS and the call."""
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise InputError(413, f"upload too large: the limit is {max_upload_bytes:,} bytes")
+        if not data:
+            raise InputError(400, "empty upload: 'file' has no content")
+        try:
+            return service.predict(data, sex, chronological_age_months, gradcam)
+        except ImageReadError as err:  # defensive: predict_files normally turns these into rows
+            raise InputError(400, str(err)) from None
+
+    return app
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_dir: str | Path | None = None,
+    backend: str = "torch",
+    max_upload_mb: float = MAX_UPLOAD_BYTES / 2**20,
+) -> None:
+    """Run the dashboard with uvicorn until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise ImportError("boneage serve needs uvicorn: pip install 'boneage[serve]'") from err
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(model_dir, backend, int(max_upload_mb * 2**20))
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

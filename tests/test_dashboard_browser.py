@@ -1,0 +1,106 @@
+"""End to end: the dashboard in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from tests.conftest import make_tiny_model, synthetic_radiograph
+
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+uvicorn = pytest.importorskip("uvicorn")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from boneage.serve import create_app
+
+    app = create_app(make_tiny_model(tmp_path_factory.mktemp("browser") / "model"))
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait_for(driver, condition, timeout=60.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100, size=96)).save(image)
+    browser.get(server + "/")
+    assert "boneage" in browser.title
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    Select(browser.find_element(By.ID, "sex")).select_by_value("F")
+    browser.find_element(By.ID, "age-years").send_keys("8")
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert "months" in browser.find_element(By.ID, "bone-age").text
+    assert browser.find_element(By.ID, "chronological").text.startswith("96.0 months")
+    sds = browser.find_element(By.ID, "sds").text
+    assert float(sds) == pytest.approx(float(sds))  # a number, e.g. +1.23
+    assert browser.find_element(By.ID, "call").text in {"normal", "delayed", "advanced"}
+    assert "Female" in browser.find_element(By.ID, "sex-shown").text
+    assert "tf_efficientnet_lite0" in browser.find_element(By.ID, "model").text
+    for element_id in ("radiograph", "overlay"):  # both images decoded and shown
+        width = browser.execute_script(f"return document.getElementById('{element_id}').naturalWidth")
+        assert width == 96
+
+
+def test_bad_upload_shows_the_server_message(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    browser.get(server + "/")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "error").text)
+    assert "unsupported file type" in browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "report").get_attribute("hidden") is not None  # no result shown

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boneage.clinical import compare_ages
+from boneage.predict import predict_paths
+from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from boneage.serve import create_app  # noqa: E402
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    return TestClient(create_app(model_dir, max_upload_bytes=200_000), raise_server_exceptions=False)
+
+
+HAND = png_bytes(synthetic_radiograph(100, size=96))
+
+
+def test_health_names_the_model(client):
+    body = client.get("/api/v1/health").json()
+    assert body["status"] == "ok" and body["model"]["name"] == "model" and len(body["model"]["weights_sha256"]) == 64
+
+
+def test_predict_report_matches_the_cli_path(client, model_dir, tmp_path):
+    response = client.post(
+        "/api/v1/predict",
+        files={"file": ("hand.png", HAND, "image/png")},
+        data={"sex": "M", "chronological_age_months": "96"},
+    )
+    assert response.status_code == 200
+    report = response.json()
+    path = tmp_path / "hand.png"
+    path.write_bytes(HAND)
+    cli = predict_paths([path], tmp_path / "p.csv", model_dir=model_dir, sex="M", progress=False).iloc[0]
+    assert report["bone_age_months"] == pytest.approx(cli["bone_age_months"])
+    assert report["stage"] == cli["stage"] and report["status"] == "ok"
+    expected = compare_ages(report["bone_age_months"], 96.0, male=True)
+    assert report["sds"] == pytest.approx(expected["sds"], abs=0.01) and report["call"] == expected["call"]
+    assert report["chronological_age_months"] == 96.0 and report["sex"] == "M" and report["sex_source"] == "form"
+    for key in ("lower_months", "upper_months", "bone_age", "model"):
+        assert key in report
+    assert "path" not in report and "image_png" not in report  # no Grad-CAM unless asked
+
+
+def test_gradcam_images_are_returned_as_png(client):
+    response = client.post(
+        "/api/v1/predict", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F", "gradcam": "true"}
+    )
+    assert response.status_code == 200
+    import base64
+
+    for key in ("image_png", "gradcam_png"):
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()[key])))
+        assert image.size == (96, 96) and image.mode == "RGB"
+
+
+def test_dicom_tags_give_sex_and_age(client, tmp_path):
+    path = write_dicom(
+        tmp_path / "d.dcm", synthetic_radiograph(90).astype("uint16") * 16, PatientSex="F", PatientAge="008Y"
+    )
+    report = client.post("/api/v1/predict", files={"file": ("d.dcm", path.read_bytes(), "application/dicom")}).json()
+    assert report["sex"] == "F" and report["sex_source"] == "dicom"
+    assert report["chronological_age_months"] == 96.0 and report["age_source"] == "dicom" and report["sds"] is not None
+    override = client.post(
+        "/api/v1/predict", files={"file": ("d.dcm", path.read_bytes(), "application/dicom")}, data={"sex": "M"}
+    ).json()
+    assert override["sex"] == "M" and override["sex_source"] == "form"
+
+
+def big_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")  # 1-bit: a small file with very many pixels
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "message"),
+    [
+        ({"file": ("x.txt", b"just some text, not an image", "text/plain")}, {"sex": "F"}, 415, "unsupported file"),
+        ({"file": ("x.png", HAND[:300], "image/png")}, {"sex": "F"}, 400, "cannot decode"),
+        ({"file": ("x.png", b"", "image/png")}, {"sex": "F"}, 400, "empty upload"),
+        ({"file": ("x.png", HAND, "image/png")}, {"sex": "X"}, 422, "sex: expected M or F"),
+        ({"file": ("x.png", HAND, "image/png")}, {}, 422, "sex unknown"),
+        ({"file": ("x.png", HAND, "image/png")}, {"sex": "F", "chronological_age_months": "ten"}, 422, "a number"),
+        ({"file": ("x.png", HAND, "image/png")}, {"sex": "F", "chronological_age_months": "300"}, 422, "between 0"),
+        ({"file": ("x.png", b"\x89PNG" + bytes(300_000), "image/png")}, {"sex": "F"}, 413, "too large"),
+        ({"file": ("x.png", big_png(8000, 7000), "image/png")}, {"sex": "F"}, 413, "exceeds the limit"),
+        ({}, {"sex": "F"}, 422, "file"),
+    ],
+)
+def test_bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving(client, files, data, status, message):
+    response = client.post("/api/v1/predict", files=files, data=data)
+    assert response.status_code == status, response.text
+    assert message in str(response.json()["detail"]) and "Traceback" not in response.text
+    assert client.get("/api/v1/health").status_code == 200
+
+
+def test_unexpected_failure_is_a_500_without_a_stack_trace(model_dir, monkeypatch):
+    app = create_app(model_dir)
+    client = TestClient(app, raise_server_exceptions=False)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(app.state.service, "predict", explode)
+    response = client.post("/api/v1/predict", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F"})
+    assert response.status_code == 500 and "secret" not in response.text and "Traceback" not in response.text
+    assert client.get("/api/v1/health").status_code == 200
+
+
+def test_logs_hold_no_patient_identifiers(client, tmp_path, caplog):
+    path = write_dicom(
+        tmp_path / "Jane_Doe.dcm",
+        synthetic_radiograph(90).astype("uint16") * 16,
+        PatientName="Doe^Jane",
+        PatientID="MRN123456",
+        PatientSex="F",
+    )
+    with caplog.at_level(logging.DEBUG):
+        client.post("/api/v1/predict", files={"file": ("Jane_Doe.dcm", path.read_bytes(), "application/dicom")})
+        client.post("/api/v1/predict", files={"file": ("Jane_Doe.png", HAND[:200], "image/png")}, data={"sex": "F"})
+    assert "request" in caplog.text  # the requests were logged ...
+    for identifier in ("Jane", "Doe", "MRN123456"):
+        assert identifier not in caplog.text  # ... without who they were about
+
+
+def test_non_hand_upload_is_not_assessable_with_the_shipped_model():
+    client = TestClient(create_app(), raise_server_exceptions=False)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    response = client.post(
+        "/api/v1/predict", files={"file": ("n.png", png_bytes(noise), "image/png")}, data={"sex": "M"}
+    )
+    assert response.status_code == 422 and "not assessable" in response.json()["detail"]
+
+
+def test_dashboard_page_and_openapi_schema(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file"' in page.text and "/api/v1/predict" in page.text
+    schema = client.get("/openapi.json").json()
+    assert "/api/v1/predict" in schema["paths"] and "/api/v1/health" in schema["paths"]
