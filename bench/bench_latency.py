@@ -67,8 +67,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.cold_runs):
             start = time.perf_counter()
-            subprocess.run(["boneage", "predict", str(image), "--sex", "F", "--quiet", "--output", f"{tmp}/p.csv"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["boneage", "predict", str(image), "--sex", "F", "--quiet", "--output", f"{tmp}/p.csv"],
+                check=True,
+                capture_output=True,
+            )
             cold.append(time.perf_counter() - start)
     results["cold_cli_seconds_median"] = statistics.median(cold)
 
@@ -90,8 +93,9 @@ def main() -> None:
     results["warm_ms_p95"] = timings[int(len(timings) * 0.95) - 1]
 
     for n in (1000, 10000):
-        out = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], check=True, capture_output=True,
-                             text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(n)], check=True, capture_output=True, text=True
+        )
         results[f"peak_rss_mib_{n}"] = float(out.stdout.strip().splitlines()[-1])
     results["rss_ratio_10000_vs_1000"] = results["peak_rss_mib_10000"] / results["peak_rss_mib_1000"]
     print(json.dumps(results, indent=2))
