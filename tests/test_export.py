@@ -86,8 +86,17 @@ def test_int8_export_needs_calibration_and_stays_close(tiny, tmp_path):
     assert predictor.contract.image_size == 64
 
 
-def test_onnx_file_without_metadata_is_refused(tmp_path):
-    model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
-    onnx.save(model, str(tmp_path / "plain.onnx"))
-    with pytest.raises(ExportError, match="no 'boneage.config' metadata"):
+def test_onnx_file_without_metadata_or_graph_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    from boneage.runtime import ModelLoadError
+
+    tensor = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])
+    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["output"])], "plain", [tensor], [output])
+    onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelLoadError, match="no 'boneage.config' metadata"):
         OnnxPredictor(tmp_path / "plain.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model"):
+        OnnxPredictor(tmp_path / "junk.onnx")

@@ -53,6 +53,17 @@ def test_fit_store_and_refuse_non_hand_images(tmp_path):
     assert blank["status"] == "not assessable" and "does not look like" in blank["message"]
     assert np.isnan(blank["bone_age_months"])
 
+    pytest.importorskip("onnxruntime")
+    from boneage.export import attach_onnx
+
+    report = attach_onnx(folder)  # the score becomes a second ONNX output: refusal without PyTorch
+    assert report["score_max_rel_diff_random"] < 1e-3
+    on_onnx = predict_paths(
+        [non_hand[0], table["path"][30]], tmp_path / "o.csv", model_dir=folder, sex="F", progress=False, backend="onnx"
+    )
+    assert on_onnx["status"].tolist() == rows["status"].tolist()
+    assert np.allclose(on_onnx["bone_age_months"], rows["bone_age_months"], atol=0.05, equal_nan=True)
+
     (folder / ASSESSABILITY_FILE).write_bytes(b"tampered")
     with pytest.raises(ModelFolderError, match="checksum"):
         Predictor.load(folder)

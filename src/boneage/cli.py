@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from boneage import __version__
-from boneage.config import Config, ConfigError, flat_fields, set_field
+from boneage.config import BoneAgeError, Config, ConfigError, flat_fields, set_field
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +99,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from boneage.predict import predict_paths
+    from boneage.runtime import predict_paths
 
     table = predict_paths(
         args.paths,
@@ -206,9 +206,24 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from boneage.export import export_onnx
+def _default_model() -> Path:
+    from boneage.runtime import default_model_dir
 
+    return default_model_dir()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from boneage.export import attach_onnx, export_onnx
+
+    if args.attach:
+        if args.int8 or args.output:
+            raise ValueError("--attach writes the fp32 model.onnx into the model folder; drop --int8/--output")
+        report = attach_onnx(args.model) if args.model else attach_onnx(_default_model())
+        for key, value in report.items():
+            print(f"{key}: {value}")
+        return 0
+    if not args.output:
+        raise ValueError("export: --output FILE.onnx is required (or --attach)")
     report = export_onnx(
         args.output,
         model_dir=args.model,
@@ -295,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model", help="model folder (default: the shipped model), or an .onnx file with --backend onnx"
     )
-    predict.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="inference engine")
+    predict.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="inference engine (auto: onnxruntime when the model has model.onnx or is an .onnx file, else PyTorch)",
+    )
     predict.add_argument("--tta", action="store_true", help="average with the mirrored image (twice the compute)")
     predict.add_argument(
         "--metadata",
@@ -326,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
-    serve.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="inference engine")
+    serve.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="inference engine (auto: PyTorch when installed, for Grad-CAM; else onnxruntime)",
+    )
     serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload (default: 32)")
     serve.set_defaults(func=_cmd_serve)
 
@@ -364,7 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a model folder to ONNX (dynamic batch), with a parity check")
     export.add_argument("--format", default="onnx", choices=("onnx",))
     export.add_argument("--model", help="model folder (default: the shipped model)")
-    export.add_argument("--output", required=True, help="the .onnx file")
+    export.add_argument("--output", help="the .onnx file")
+    export.add_argument(
+        "--attach",
+        action="store_true",
+        help="write model.onnx into the model folder and record its checksum (the folder then runs on onnxruntime)",
+    )
     export.add_argument("--int8", action="store_true", help="static int8 quantisation (needs --calibration)")
     export.add_argument("--calibration", nargs="+", metavar="PATH", help="images for int8 calibration")
     export.add_argument("--parity-images", nargs="+", metavar="PATH", help="real images for the parity check")
@@ -409,26 +439,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger = logging.getLogger("boneage")
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from boneage.data import DataValidationError, ImageReadError
-    from boneage.export import ExportError
-    from boneage.model import ModelFolderError, PretrainedWeightsError
-
     try:
         return args.func(args)
-    except (
-        ConfigError,
-        DataValidationError,
-        ImageReadError,
-        ModelFolderError,
-        PretrainedWeightsError,
-        ExportError,
-        ImportError,
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-    ) as err:
+    except (BoneAgeError, ValueError, ImportError, FileNotFoundError, FileExistsError) as err:  # one-line errors
         if args.verbose:
             raise
+        torch_parts = ("torch", "torchvision", "timm", "lightning", "safetensors", "sklearn")
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in torch_parts:
+            err = ImportError(
+                f"`boneage {args.command}` needs PyTorch and its stack: pip install 'boneage[torch]' ({err})"
+            )
         print(f"boneage {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,10 @@ TASKS = ("regression", "classification")
 RESIZE_MODES = ("squash", "letterbox")
 
 
+class BoneAgeError(RuntimeError):
+    """Base of the package's runtime errors that the CLI reports as one line (bad values are ValueErrors)."""
+
+
 class ConfigError(ValueError):
     """A configuration value or file is invalid."""
 
@@ -254,3 +258,15 @@ def flat_fields(config: Config | None = None) -> dict[str, tuple[str, dataclasse
             assert f.name not in out, f"duplicate config field {f.name}"
             out[f.name] = (section_name, f)
     return out
+
+
+def contract_from_description(description: dict[str, Any]) -> DataConfig:
+    """The data contract stored in a model folder's config.json (or an ONNX file's metadata)."""
+    contract = description["data_contract"]
+    return DataConfig(
+        image_size=int(contract["image_size"]),
+        resize_mode=contract["resize_mode"],
+        in_chans=int(contract["in_chans"]),
+        mean=tuple(contract["mean"]),
+        std=tuple(contract["std"]),
+    )

@@ -17,17 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from boneage.config import BoneAgeError
 from boneage.data import preprocess
 from boneage.model import contract_from_description
 from boneage.predict import Predictor
+from boneage.runtime import METADATA_KEY, OnnxPredictor  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "boneage.config"
 FP32_TOLERANCE_MONTHS = 0.05
 
 
-class ExportError(RuntimeError):
+class ExportError(BoneAgeError):
     """Export failed or the exported model does not match PyTorch."""
 
 
@@ -51,6 +52,23 @@ def _random_inputs(description: dict[str, Any], batch: int = 4, seed: int = 0) -
     rng = np.random.default_rng(seed)
     shape = (batch, contract["in_chans"], contract["image_size"], contract["image_size"])
     return {"image": rng.standard_normal(shape).astype(np.float32), "male": np.arange(batch, dtype=np.int64) % 2}
+
+
+class _Exported(torch.nn.Module):
+    """What the ONNX graph computes: the model's output and, when the folder has an assessability check, each
+    image's score (so onnxruntime refuses unreadable images without PyTorch)."""
+
+    def __init__(self, model: torch.nn.Module, assessability: Any = None):
+        super().__init__()
+        self.model = model
+        self.assessability = assessability
+
+    def forward(self, image: torch.Tensor, male: torch.Tensor) -> Any:
+        features = self.model.forward_features(image, male)
+        output = self.model.forward_head(features)
+        if self.assessability is None:
+            return output
+        return output, self.assessability.score(features[:, : self.model.backbone.num_features])
 
 
 class _CalibrationReader:
@@ -92,6 +110,8 @@ def export_onnx(
 
     predictor = Predictor.load(model_dir)
     model, description = predictor.model.eval(), predictor.description
+    exported = _Exported(model, predictor.assessability).eval()
+    output_names = ["output", "score"] if predictor.assessability is not None else ["output"]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fp32_path = output if not int8 else output.with_name(output.stem + ".fp32.onnx")
@@ -100,10 +120,10 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.onnx.export(
-            model,
+            exported,
             (torch.from_numpy(example["image"]), torch.from_numpy(example["male"])),
             input_names=["image", "male"],
-            output_names=["output"],
+            output_names=output_names,
             dynamic_shapes={"image": {0: batch}, "male": {0: batch}},
             opset_version=opset,
             dynamo=True,
@@ -153,8 +173,15 @@ def export_onnx(
     for name, inputs in checks.items():
         with torch.no_grad():
             expected = model(torch.from_numpy(inputs["image"]), torch.from_numpy(inputs["male"])).numpy()
-        actual = session.run(None, inputs)[0]
-        report[f"max_abs_diff_{name}"] = float(np.abs(actual - expected).max())
+        actual = session.run(None, inputs)
+        report[f"max_abs_diff_{name}"] = float(np.abs(actual[0] - expected).max())
+        if len(actual) > 1:
+            features = model.forward_features(torch.from_numpy(inputs["image"]), torch.from_numpy(inputs["male"]))
+            with torch.no_grad():
+                score = predictor.assessability.score(features[:, : model.backbone.num_features]).numpy()
+            report[f"score_max_rel_diff_{name}"] = float(
+                np.abs(actual[1] - score).max() / max(1.0, np.abs(score).max())
+            )
     if not int8:
         worst = max(v for k, v in report.items() if k.startswith("max_abs_diff"))
         if worst > FP32_TOLERANCE_MONTHS:
@@ -164,26 +191,19 @@ def export_onnx(
     return report
 
 
-class OnnxPredictor(Predictor):
-    """:class:`boneage.predict.Predictor` on onnxruntime, from an exported ``.onnx`` file (same batching and rows)."""
+def attach_onnx(model_dir: str | Path) -> dict[str, Any]:
+    """Export a model folder's fp32 ONNX to ``<folder>/model.onnx`` and record its checksum in ``config.json``, so
+    the folder also predicts on onnxruntime (and without PyTorch). Returns the export report."""
+    from boneage.model import CONFIG_FILE, read_model_description, sha256_file
+    from boneage.runtime import ONNX_FILE
 
-    def __init__(self, path: str | Path, threads: int | None = None):  # noqa: D107 - no torch model to wrap
-        ort = _require("onnxruntime")
-        onnx = _require("onnx")
-        self.model_dir = Path(path)
-        if not self.model_dir.is_file():
-            raise FileNotFoundError(f"{path}: ONNX file not found")
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        if METADATA_KEY not in meta:
-            raise ExportError(f"{path}: no '{METADATA_KEY}' metadata; export it with `boneage export`")
-        self.description = json.loads(meta[METADATA_KEY])
-        self.contract = contract_from_description(self.description)
-        self.task = self.description["model"]["task"]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def forward(self, images: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
-        inputs = {"image": images.contiguous().numpy(), "male": male.numpy().astype(np.int64)}
-        return torch.from_numpy(self.session.run(None, inputs)[0])
+    folder = Path(model_dir)
+    report = export_onnx(folder / ONNX_FILE, folder)
+    description = read_model_description(folder)
+    description["onnx"] = {
+        "file": ONNX_FILE,
+        "sha256": sha256_file(folder / ONNX_FILE),
+        "max_abs_diff_months": max(v for k, v in report.items() if k.startswith("max_abs_diff")),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
+    return report

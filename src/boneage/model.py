@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from boneage import __version__
-from boneage.config import DataConfig, ModelConfig
+from boneage.config import BoneAgeError, DataConfig, ModelConfig, contract_from_description  # noqa: F401 - re-exported
 from boneage.data import STAGE_EDGES_MONTHS, STAGE_NAMES
+from boneage.runtime import ModelLoadError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -32,11 +33,11 @@ LITE_WEIGHT_PACKAGES = {
 }
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(BoneAgeError):
     """Pretrained weights could not be found or do not fit the backbone."""
 
 
-class ModelFolderError(RuntimeError):
+class ModelFolderError(ModelLoadError):
     """A model folder is missing files, has a bad checksum or does not describe its model."""
 
 
@@ -301,17 +302,6 @@ def read_model_description(folder: str | Path) -> dict[str, Any]:
     if description.get("format") != FORMAT_NAME:
         raise ModelFolderError(f"{path}: format is {description.get('format')!r}, expected {FORMAT_NAME!r}")
     return description
-
-
-def contract_from_description(description: dict[str, Any]) -> DataConfig:
-    contract = description["data_contract"]
-    return DataConfig(
-        image_size=int(contract["image_size"]),
-        resize_mode=contract["resize_mode"],
-        in_chans=int(contract["in_chans"]),
-        mean=tuple(contract["mean"]),
-        std=tuple(contract["std"]),
-    )
 
 
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> tuple[BoneAgeNet, dict[str, Any]]:

@@ -23,8 +23,8 @@ from typing import Annotated, Any
 
 from boneage import __version__
 from boneage.clinical import REFERENCE, parse_chronological_age
-from boneage.data import ImageReadError, dicom_patient_info, parse_sex
-from boneage.predict import PREDICTION_COLUMNS, Predictor
+from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
+from boneage.runtime import PREDICTION_COLUMNS, load_predictor, torch_available
 
 logger = logging.getLogger("boneage.serve")
 
@@ -134,17 +134,20 @@ class BoneAgeService:
 
 
 def create_app(
-    model_dir: str | Path | None = None, backend: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES
+    model_dir: str | Path | None = None, backend: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES
 ) -> Any:
     """The FastAPI application with the model loaded (``model_dir``: a model folder, default the shipped model; or an
-    ``.onnx`` file with ``backend="onnx"``)."""
+    ``.onnx`` file). ``auto`` serves on PyTorch when it is installed (Grad-CAM overlays), else on onnxruntime."""
     try:
         from fastapi import FastAPI, File, Form, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError as err:
         raise ImportError("boneage serve needs FastAPI: pip install 'boneage[serve]'") from err
 
-    service = BoneAgeService(Predictor.load(model_dir, backend), backend)
+    if backend == "auto":
+        is_onnx_file = model_dir is not None and Path(model_dir).suffix == ".onnx"
+        backend = "torch" if torch_available() and not is_onnx_file else "onnx"
+    service = BoneAgeService(load_predictor(model_dir, backend), backend)
     app = FastAPI(
         title="boneage",
         version=__version__,
@@ -222,7 +225,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     model_dir: str | Path | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     max_upload_mb: float = MAX_UPLOAD_BYTES / 2**20,
 ) -> None:
     """Run the dashboard with uvicorn until interrupted."""

@@ -1,0 +1,194 @@
+"""Image decoding and the inference-time preprocessing, in NumPy and Pillow only (no PyTorch).
+
+This is all a torch-free install needs to turn a PNG, JPEG or DICOM file into the model input: the ONNX path
+(:mod:`boneage.runtime`) uses it directly and :mod:`boneage.data` builds its tensors on it. The resize is Pillow's
+bilinear filter on float32 images, which is the same antialiased filter as ``torch.nn.functional.interpolate(...,
+mode="bilinear", antialias=True)`` (measured difference below 1e-6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Age stages exactly as the seed: Infant/Toddler [0,60), Child [60,120), Pre-adolescent [120,180), Adolescent 180+.
+STAGE_NAMES = ("Infant/Toddler", "Child", "Pre-adolescent", "Adolescent")
+STAGE_EDGES_MONTHS = (60.0, 120.0, 180.0)
+MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000; a larger image is refused, not decoded
+_TRUE = {"true", "1", "m", "male", "yes", "t"}
+_FALSE = {"false", "0", "f", "female", "no"}
+
+
+class ImageReadError(ValueError):
+    """An image file could not be decoded into a usable radiograph."""
+
+
+def parse_sex(value: Any) -> bool | None:
+    """True for male, False for female, None when the value is missing or not understood."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode a radiograph to a float32 (H, W) array in [0, 1].
+
+    PNG/JPEG in 8- or 16-bit grayscale, palette, RGB(A); DICOM detected by its ``DICM`` magic. 8-bit images are
+    scaled by 1/255 (as the training data was); deeper images (16-bit PNG, DICOM) are min-max scaled, after the
+    modality and VOI LUTs for DICOM, and MONOCHROME1 is inverted so bone is bright.
+
+    Raises:
+        ImageReadError: naming the file, when it is missing, not an image, truncated, too large or blank.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if _is_dicom(path):
+        return _read_dicom(path, max_pixels)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
+                )
+            img.load()
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+                # ITU-R 601 luma; an RGBA radiograph's alpha carries no anatomy
+                img = img.convert("L")
+            array = np.asarray(img)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG or DICOM)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        raise ImageReadError(f"{path}: cannot decode image ({err})") from None
+    if array.ndim != 2:
+        raise ImageReadError(f"{path}: expected a single-channel image after conversion, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    return _min_max(array.astype(np.float32), path)
+
+
+def _min_max(array: np.ndarray, path: Path) -> np.ndarray:
+    low, high = float(array.min()), float(array.max())
+    if not np.isfinite(low) or not np.isfinite(high):
+        raise ImageReadError(f"{path}: pixel data contains non-finite values")
+    if high <= low:
+        raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
+    return (array - low) / (high - low)
+
+
+def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as err:
+        raise ImportError("Reading DICOM needs pydicom: pip install pydicom") from err
+    try:
+        dataset = pydicom.dcmread(path)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        if rows * columns > max_pixels:
+            raise ImageReadError(
+                f"{path}: {columns}x{rows} = {rows * columns:,} pixels exceeds the limit of {max_pixels:,}"
+            )
+        pixels = dataset.pixel_array
+    except ImageReadError:
+        raise
+    except Exception as err:  # pydicom raises many types for corrupt files
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({type(err).__name__}: {err})") from None
+    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{path}: expected a single-frame grayscale DICOM, got pixel shape {pixels.shape}")
+    values = apply_modality_lut(pixels, dataset)
+    values = apply_voi_lut(values, dataset, index=0)
+    image = _min_max(np.asarray(values, dtype=np.float32), path)
+    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        image = 1.0 - image
+    return image
+
+
+def dicom_patient_info(path: str | Path) -> dict[str, Any]:
+    """Sex and chronological age from a DICOM header (pixels not read): ``{"male": bool | None, "age_months":
+    float | None}``. Age from PatientAge (``010Y``, ``006M``, ``030W``, ``100D``), else StudyDate - PatientBirthDate.
+    A file that is not DICOM gives both None."""
+    path = Path(path)
+    if not path.is_file() or not _is_dicom(path):
+        return {"male": None, "age_months": None}
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # an unreadable header is reported when the pixels are read
+        return {"male": None, "age_months": None}
+    sex = str(header.get("PatientSex", "")).strip().upper()
+    male = True if sex == "M" else False if sex == "F" else None
+    age_months = None
+    age_text = str(header.get("PatientAge", "")).strip().upper()
+    units = {"Y": 12.0, "M": 1.0, "W": 12.0 / 52.1775, "D": 12.0 / 365.25}
+    if len(age_text) == 4 and age_text[:3].isdigit() and age_text[3] in units:
+        age_months = int(age_text[:3]) * units[age_text[3]]
+    else:
+        import datetime as dt
+
+        try:
+            born = dt.datetime.strptime(str(header.PatientBirthDate), "%Y%m%d")
+            studied = dt.datetime.strptime(str(header.StudyDate), "%Y%m%d")
+            age_months = (studied - born).days / 365.25 * 12
+        except (AttributeError, ValueError):
+            pass
+    return {"male": male, "age_months": age_months}
+
+
+def resize_array(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
+    """Resize an (H, W) float32 image to (size, size): ``squash`` stretches, ``letterbox`` keeps the aspect ratio and
+    pads the short side with 0 (the same geometry as :func:`boneage.data.resize`)."""
+    from PIL import Image
+
+    height, width = image.shape
+    if mode == "squash":
+        return np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
+    if mode != "letterbox":
+        raise ValueError(f"resize mode: expected 'squash' or 'letterbox', got {mode!r}")
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    scaled = np.asarray(Image.fromarray(image, mode="F").resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = scaled
+    return out
+
+
+def preprocess_array(path: str | Path, contract: Any) -> np.ndarray:
+    """File -> model input (C, S, S) float32: decode, resize, clip to [0, 1], normalise with the contract."""
+    image = resize_array(read_image(path), int(contract.image_size), contract.resize_mode).clip(0.0, 1.0)
+    mean = np.asarray(contract.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(contract.std, dtype=np.float32)[:, None, None]
+    return (np.broadcast_to(image, (int(contract.in_chans), *image.shape)) - mean) / std
+
+
+def stage_index(age_months: np.ndarray) -> np.ndarray:
+    """Stage index (0..3) per age in months."""
+    return np.searchsorted(np.asarray(STAGE_EDGES_MONTHS), np.asarray(age_months, dtype=float), side="right")

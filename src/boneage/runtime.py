@@ -1,0 +1,449 @@
+"""Batch prediction without PyTorch: file discovery, per-image sex and age, the result rows, and an onnxruntime
+predictor.
+
+A torch-free install (``pip install boneage`` without the ``torch`` extra) predicts from an exported ``.onnx`` file, or
+from a model folder that carries ``model.onnx`` (the shipped default model does), through this module alone: images
+are decoded and preprocessed with NumPy and Pillow (:mod:`boneage.imageio`) in worker threads while onnxruntime runs
+the previous batch. The PyTorch predictor (:class:`boneage.predict.Predictor`) builds its rows with the same
+:func:`finish_row`, so both backends give the same CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boneage.clinical import compare_ages, parse_chronological_age
+from boneage.config import BoneAgeError, contract_from_description
+from boneage.imageio import STAGE_NAMES, ImageReadError, dicom_patient_info, parse_sex, preprocess_array, stage_index
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "lite0-128"
+ONNX_FILE = "model.onnx"
+METADATA_KEY = "boneage.config"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+PREDICTION_COLUMNS = [
+    "id",
+    "path",
+    "male",
+    "bone_age_months",
+    "lower_months",
+    "upper_months",
+    "bone_age",
+    "stage",
+    "chronological_age_months",
+    "ba_minus_ca_months",
+    "sds",
+    "call",
+    "status",
+    "message",
+]
+
+
+class ModelLoadError(BoneAgeError):
+    """A model file or folder cannot be used (missing, wrong checksum, or its runtime is not installed)."""
+
+
+def default_model_dir() -> Path:
+    """The model folder shipped inside the package (no network needed)."""
+    folder = Path(str(resources.files("boneage") / "models" / DEFAULT_MODEL))
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"the default model is missing from the installation ({folder}); pass --model DIR")
+    return folder
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom) into a sorted, de-duplicated list."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)  # a missing file becomes an error row, not a crash
+    seen: set[Path] = set()
+    return [p for p in found if not (p in seen or seen.add(p))]
+
+
+def read_metadata(metadata_csv: str | Path) -> Any:
+    """``id,male`` (and optionally ``chronological_age_months``) per image id (the file stem), as a frame by id."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(metadata_csv, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{metadata_csv}: not a readable CSV ({err})") from None
+    if "id" not in frame.columns:
+        raise ValueError(f"{metadata_csv}: expected an 'id' column (the image file stem); found {list(frame.columns)}")
+    if frame["id"].duplicated().any():
+        raise ValueError(f"{metadata_csv}: duplicate ids {frame['id'][frame['id'].duplicated()].tolist()[:5]}")
+    return frame.set_index("id")
+
+
+def resolve_sexes(
+    files: Sequence[Path], sex: str | None = None, metadata: str | Path | None = None
+) -> list[bool | None]:
+    """Each file's sex (True = male): the metadata CSV's ``male`` for its id, else ``sex`` (M/F), else a DICOM file's
+    PatientSex; None where none of them says (never guessed).
+
+    Raises:
+        ValueError: ``sex`` is given but is not M or F.
+    """
+    default_sex = parse_sex(sex) if sex is not None else None
+    if sex is not None and default_sex is None:
+        raise ValueError(f"--sex: expected M or F, got {sex!r}")
+    table = read_metadata(metadata) if metadata else None
+    sexes: list[bool | None] = []
+    for path in files:
+        value = default_sex
+        if table is not None and path.stem in table.index and "male" in table.columns:
+            value = parse_sex(table.at[path.stem, "male"])
+        if value is None:
+            value = dicom_patient_info(path)["male"]
+        sexes.append(value)
+    return sexes
+
+
+def resolve_ages(
+    files: Sequence[Path], chronological_age: float | str | None = None, metadata: str | Path | None = None
+) -> list[float | None]:
+    """Each file's chronological age in months: the metadata CSV's ``chronological_age_months`` for its id, else
+    ``chronological_age``, else a DICOM file's PatientAge (or StudyDate - PatientBirthDate); None where none says.
+
+    Raises:
+        ValueError: an age is not a number of months in [0, 240], naming where it came from.
+    """
+    default_age = parse_chronological_age(chronological_age, "--age")
+    table = read_metadata(metadata) if metadata else None
+    column = "chronological_age_months"
+    ages: list[float | None] = []
+    for path in files:
+        value = None
+        if table is not None and column in table.columns and path.stem in table.index:
+            value = parse_chronological_age(table.at[path.stem, column], f"{metadata}: id {path.stem}, {column}")
+        if value is None:
+            value = default_age
+        if value is None:
+            dicom_age = dicom_patient_info(path)["age_months"]
+            value = parse_chronological_age(dicom_age, f"{path}: DICOM PatientAge") if dicom_age is not None else None
+        ages.append(value)
+    return ages
+
+
+def format_age(months: float) -> str:
+    """182.4 -> '15y 2m'."""
+    total = int(round(months))
+    return f"{total // 12}y {total % 12}m"
+
+
+def new_row(path: Path, male: bool | None) -> dict[str, Any]:
+    return {"id": path.stem, "path": str(path), "male": male}
+
+
+def finish_row(
+    row: dict[str, Any],
+    months: float,
+    stage: int,
+    score: float | None,
+    threshold: float | None,
+    half_width: float | None,
+    chronological_age: float | None,
+) -> None:
+    """Fill a predicted row: refusal when the assessability score is over its threshold, else bone age, interval,
+    stage and, with a chronological age, BA - CA, SDS and the call."""
+    if score is not None and threshold is not None and score > threshold:
+        row.update(
+            status="not assessable",
+            message=f"{row['path']}: does not look like the hand radiographs the model knows "
+            f"(score {score:.1f} > {threshold:.1f})",
+        )
+        return
+    regression = months == months  # not NaN
+    if regression and half_width is not None:
+        row.update(lower_months=round(max(0.0, months - half_width), 2), upper_months=round(months + half_width, 2))
+    row.update(
+        bone_age_months=round(months, 2) if regression else None,
+        bone_age=format_age(months) if regression else None,
+        stage=STAGE_NAMES[stage],
+        status="ok",
+        message="",
+    )
+    if regression and chronological_age is not None:
+        clinical = compare_ages(months, chronological_age, bool(row["male"]))
+        row["message"] = clinical.pop("clinical_note")
+        row.update(clinical)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OnnxPredictor:
+    """An exported model on onnxruntime: NumPy preprocessing in threads, batches through one session.
+
+    Args:
+        path: an ``.onnx`` file made by ``boneage export``, or a model folder with ``model.onnx`` (its checksum in
+            ``config.json`` is verified).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+    """
+
+    tta_hflip: bool = False
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        if not _importable("onnxruntime"):
+            raise ModelLoadError("the ONNX backend needs onnxruntime: pip install onnxruntime")
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            expected = config.get("onnx", {}).get("sha256")
+            path = path / ONNX_FILE
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: not found; export one with `boneage export --format onnx`")
+            if expected and _sha256(path) != expected:
+                raise ModelLoadError(f"{path}: checksum does not match config.json (corrupt or replaced file)")
+        elif not path.is_file():
+            raise ModelLoadError(f"{path}: ONNX file not found")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+            raise ModelLoadError(f"{path}: not a loadable ONNX model ({err})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ModelLoadError(f"{path}: no '{METADATA_KEY}' metadata; export it with `boneage export`")
+        self.model_dir = path
+        self.description: dict[str, Any] = json.loads(meta[METADATA_KEY])
+        self.contract = contract_from_description(self.description)
+        self.task = self.description["model"]["task"]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        info = self.description.get("assessability") or {}
+        self.threshold = float(info["threshold"]) if "score" in self.output_names and info else None
+
+    @property
+    def half_width(self) -> float | None:
+        """The calibrated prediction-interval half-width (months), if the model carries one."""
+        value = self.description.get("uncertainty", {}).get("half_width_months")
+        return float(value) if value is not None else None
+
+    def _run(self, images: np.ndarray, male: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.session.run(None, {"image": np.ascontiguousarray(images), "male": male.astype(np.int64)})
+        named = dict(zip(self.output_names, outputs))
+        return named["output"].astype(np.float32), named.get("score")
+
+    def predict_batch(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray | None]:
+        """(B, C, S, S) preprocessed images and (B,) sex -> months (NaN for a classifier), stage, score (or None)."""
+        output, score = self._run(images, male)
+        if self.tta_hflip:
+            output = 0.5 * (output + self._run(images[..., ::-1], male)[0])
+        if self.task == "regression":
+            return {"months": output, "stage": stage_index(output), "score": score}
+        return {"months": np.full(len(images), np.nan, np.float32), "stage": output.argmax(axis=1), "score": score}
+
+    def _load(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return preprocess_array(path, self.contract), None
+        except (ImageReadError, ImportError) as err:
+            return None, str(err)
+
+    def predict_files(
+        self,
+        paths: list[Path],
+        sexes: list[bool | None],
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        progress: bool = False,
+        ages: list[float | None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield one row per path, in order (same rows as the PyTorch predictor). The next batch is decoded in
+        ``num_workers`` threads while this one runs, so at most two batches of images are in memory."""
+        from tqdm.auto import tqdm
+
+        workers = num_workers if num_workers is not None else (0 if len(paths) < 16 else 2)
+        batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+        pool = ThreadPoolExecutor(workers) if workers > 0 else None
+
+        def submit(batch: list[int]) -> list[Future] | None:
+            return [pool.submit(self._load, paths[i]) for i in batch] if pool else None
+
+        pending = submit(batches[0]) if batches else None
+        try:
+            with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress or len(paths) < 10) as bar:
+                for k, batch in enumerate(batches):
+                    loaded = [f.result() for f in pending] if pending else [self._load(paths[i]) for i in batch]
+                    pending = submit(batches[k + 1]) if pool and k + 1 < len(batches) else None
+                    rows = {i: new_row(paths[i], sexes[i]) for i in batch}
+                    ready = []
+                    for i, (image, error) in zip(batch, loaded):
+                        if error is not None:
+                            rows[i].update(status="error", message=error)
+                        elif sexes[i] is None:
+                            rows[i].update(
+                                status="error", message=f"{paths[i]}: sex unknown; pass --sex M|F or --metadata CSV"
+                            )
+                        else:
+                            ready.append((i, image))
+                    if ready:
+                        images = np.stack([image for _, image in ready])
+                        male = np.asarray([int(bool(sexes[i])) for i, _ in ready])
+                        result = self.predict_batch(images, male)
+                        for k2, (i, _) in enumerate(ready):
+                            score = result["score"]
+                            finish_row(
+                                rows[i],
+                                float(result["months"][k2]),
+                                int(result["stage"][k2]),
+                                float(score[k2]) if score is not None else None,
+                                self.threshold,
+                                self.half_width,
+                                ages[i] if ages is not None else None,
+                            )
+                    yield from (rows[i] for i in batch)
+                    bar.update(len(batch))
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def torch_available() -> bool:
+    """PyTorch and timm are installed (checked without importing them: that takes seconds)."""
+    return _importable("torch") and _importable("timm")
+
+
+def load_predictor(model_dir: str | Path | None = None, backend: str = "auto") -> Any:
+    """A predictor for a model folder or ``.onnx`` file.
+
+    ``auto`` takes onnxruntime when the model is an ``.onnx`` file or its folder carries ``model.onnx`` (the shipped
+    model does; 2x faster on CPU, same output within 0.05 month), else PyTorch.
+    """
+    if backend not in ("auto", "torch", "onnx"):
+        raise ValueError(f"--backend: expected auto, torch or onnx, got {backend!r}")
+    target = Path(model_dir) if model_dir is not None else default_model_dir()
+    onnx_ready = _importable("onnxruntime")
+    requested = backend
+    if backend == "auto":
+        has_onnx = target.suffix == ".onnx" or (target / ONNX_FILE).is_file()
+        backend = "onnx" if has_onnx and onnx_ready else "torch"
+    if backend == "onnx":
+        return OnnxPredictor(target)
+    if not torch_available():
+        if requested == "torch":
+            raise ModelLoadError("the PyTorch backend needs PyTorch: pip install 'boneage[torch]' (or --backend onnx)")
+        raise ModelLoadError(
+            f"{target}: no {ONNX_FILE} to run without PyTorch; install PyTorch (pip install 'boneage[torch]') "
+            "or pass --model FILE.onnx made by `boneage export`"
+        )
+    from boneage.predict import Predictor
+
+    return Predictor.load(target)
+
+
+def predict_paths(
+    paths: Sequence[str | Path],
+    output: str | Path,
+    model_dir: str | Path | None = None,
+    metadata: str | Path | None = None,
+    sex: str | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+    backend: str = "auto",
+    tta: bool = False,
+    chronological_age: float | str | None = None,
+    gradcam_dir: str | Path | None = None,
+) -> Any:
+    """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
+
+    Args:
+        paths: image files and/or folders.
+        output: the prediction CSV (``PREDICTION_COLUMNS``), or a ``.json`` file: ``{"model": ..., "predictions":
+            [...]}`` with the same fields per image.
+        model_dir: a model folder or an exported ``.onnx`` file; the packaged default model when None.
+        metadata: CSV with ``id,male[,chronological_age_months]`` per image id (file stem); overrides ``sex`` and
+            ``chronological_age`` for the ids it lists.
+        sex: ``M`` or ``F`` for every image without metadata; DICOM files without either use PatientSex.
+        backend: ``auto`` (see :func:`load_predictor`), ``torch`` or ``onnx``.
+        tta: average each prediction with that of the mirrored image.
+        chronological_age: months, for every image without ``chronological_age_months`` in the metadata; DICOM
+            files without either use PatientAge or the birth and study dates. Adds BA - CA, SDS and the call.
+        gradcam_dir: write ``<id>_gradcam.png`` (the radiograph beside its Grad-CAM overlay) here for every
+            predicted image, and its path in a ``gradcam_path`` column (needs PyTorch).
+
+    Returns:
+        The predictions as a pandas frame (also written to ``output``).
+    """
+    import pandas as pd
+
+    files = collect_images(paths)
+    if not files:
+        raise ValueError(f"no images found in {', '.join(map(str, paths))} (expected .png/.jpg/.jpeg/.dcm files)")
+    sexes = resolve_sexes(files, sex, metadata)
+    ages = resolve_ages(files, chronological_age, metadata)
+    if gradcam_dir is not None:
+        if backend == "onnx":
+            raise ValueError("--gradcam needs the PyTorch backend (Grad-CAM takes gradients through the model)")
+        backend = "torch"
+    predictor = load_predictor(model_dir, backend)
+    predictor.tta_hflip = tta
+    columns = PREDICTION_COLUMNS + (["gradcam_path"] if gradcam_dir is not None else [])
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    as_json = output.suffix.lower() == ".json"
+    # rows are streamed as they finish (CSV, or JSON Lines beside a .json output) so a stopped batch keeps them
+    stream_path = output.with_suffix(".partial.jsonl") if as_json else output
+    with open(stream_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        if not as_json:
+            writer.writeheader()
+        for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages):
+            if gradcam_dir is not None and row["status"] == "ok":
+                from boneage.predict import save_gradcam
+
+                row["gradcam_path"] = str(save_gradcam(predictor, row["path"], bool(row["male"]), gradcam_dir))
+            if as_json:
+                handle.write(json.dumps({k: row.get(k) for k in columns}) + "\n")
+            else:
+                writer.writerow(row)
+            handle.flush()
+            rows.append(row)
+    if as_json:
+        document = {
+            "model": {
+                "path": str(predictor.model_dir),
+                "boneage_version": predictor.description.get("boneage_version"),
+                "weights_sha256": predictor.description.get("weights_sha256"),
+            },
+            "predictions": [{k: row.get(k) for k in columns} for row in rows],
+        }
+        output.write_text(json.dumps(document, indent=2))
+        stream_path.unlink()
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,110 @@
+"""The torch-free path: ONNX prediction with PyTorch made unimportable, and NumPy preprocessing equal to torch's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boneage.config import DataConfig
+from boneage.data import preprocess
+from boneage.imageio import preprocess_array
+from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize("mode", ["squash", "letterbox"])
+def test_numpy_preprocessing_matches_torch(tmp_path, mode):
+    image = tmp_path / "wide.png"
+    Image.fromarray(synthetic_radiograph(80, size=150)[:, 10:]).save(image)
+    dicom = write_dicom(tmp_path / "d.dcm", synthetic_radiograph(50, size=90).astype("uint16") * 16)
+    contract = DataConfig(image_size=64, resize_mode=mode)
+    for path in (image, dicom):
+        assert np.abs(preprocess_array(path, contract) - preprocess(path, contract).numpy()).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    from boneage.export import attach_onnx
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("runtime") / "model")
+    attach_onnx(folder)
+    return folder
+
+
+def test_auto_backend_takes_model_onnx_and_matches_torch(onnx_model, tmp_path):
+    from boneage.runtime import OnnxPredictor, load_predictor, predict_paths
+
+    assert isinstance(load_predictor(onnx_model), OnnxPredictor)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for age in (20, 90, 200):
+        Image.fromarray(synthetic_radiograph(age, seed=age)).save(folder / f"{age}.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    common = {"sex": "M", "progress": False, "tta": True, "chronological_age": 100}
+    onnx_rows = predict_paths([folder], tmp_path / "o.csv", model_dir=onnx_model, num_workers=2, batch_size=2, **common)
+    torch_rows = predict_paths([folder], tmp_path / "t.csv", model_dir=onnx_model, backend="torch", **common)
+    assert onnx_rows["status"].tolist() == torch_rows["status"].tolist() == ["ok", "ok", "ok", "error"]
+    assert np.allclose(onnx_rows["bone_age_months"], torch_rows["bone_age_months"], atol=0.05, equal_nan=True)
+    assert onnx_rows["call"].tolist() == torch_rows["call"].tolist()
+
+
+def test_checksum_of_model_onnx_is_verified(onnx_model, tmp_path):
+    import shutil
+
+    from boneage.runtime import ModelLoadError, OnnxPredictor
+
+    copy = shutil.copytree(onnx_model, tmp_path / "copy")
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelLoadError, match="checksum"):
+        OnnxPredictor(copy)
+
+
+def test_predict_runs_with_pytorch_unimportable(onnx_model, tmp_path):
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100)).save(image)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        for name in ("torch", "torchvision", "timm", "lightning"):
+            sys.modules[name] = None  # any import of them now raises ImportError
+        from boneage.cli import main
+        code = main(["predict", {str(image)!r}, "--model", {str(onnx_model)!r}, "--sex", "F", "--age", "120",
+                     "--output", {str(tmp_path / "p.csv")!r}, "--quiet"])
+        assert code == 0, code
+        assert not any(m.startswith("torch") for m in sys.modules if sys.modules[m] is not None)
+        print("torch-free ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch-free ok" in result.stdout
+    text = (tmp_path / "p.csv").read_text()
+    assert ",ok," in text and any(call in text for call in (",normal,", ",delayed,", ",advanced,"))
+
+
+def test_without_model_onnx_and_without_torch_the_error_says_what_to_do(tmp_path):
+    folder = make_tiny_model(tmp_path / "model")
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100)).save(image)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None
+        from boneage.cli import main
+        raise SystemExit(main(["predict", {str(image)!r}, "--model", {str(folder)!r}, "--sex", "F", "--quiet"]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 2 and "no model.onnx to run without PyTorch" in result.stderr
