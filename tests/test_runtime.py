@@ -108,3 +108,27 @@ def test_without_model_onnx_and_without_torch_the_error_says_what_to_do(tmp_path
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1]
     )
     assert result.returncode == 2 and "no model.onnx to run without PyTorch" in result.stderr
+
+
+def test_linear_correction_applies_on_both_backends(onnx_model, tmp_path):
+    import json
+    import shutil
+
+    from boneage.runtime import predict_paths
+
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100)).save(image)
+    raw = predict_paths([image, image], tmp_path / "raw.csv", model_dir=onnx_model, sex="F", progress=False)
+    folder = shutil.copytree(onnx_model, tmp_path / "corrected")
+    config = json.loads((folder / "config.json").read_text())
+    config["output"]["correction"] = {"female": [1.5, -10.0], "male": [1.0, 0.0]}
+    (folder / "config.json").write_text(json.dumps(config))
+    expected = 1.5 * raw["bone_age_months"][0] - 10.0
+    for backend in ("onnx", "torch"):
+        table = predict_paths(
+            [image], tmp_path / f"{backend}.csv", model_dir=folder, sex="F", progress=False, backend=backend
+        )
+        assert table["bone_age_months"][0] == pytest.approx(expected, abs=0.06)
+        male = predict_paths([image], tmp_path / "m.csv", model_dir=folder, sex="M", progress=False, backend=backend)
+        unchanged = predict_paths([image], tmp_path / "u.csv", model_dir=onnx_model, sex="M", progress=False)
+        assert male["bone_age_months"][0] == pytest.approx(unchanged["bone_age_months"][0], abs=0.06)

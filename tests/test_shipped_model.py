@@ -45,3 +45,18 @@ def test_a_corrupted_copy_of_the_default_model_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelFolderError, match="checksum"):
         load_model_folder(copy)
+
+
+def test_default_model_onnx_matches_the_recording_and_its_checksum():
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from boneage.runtime import OnnxPredictor
+
+    folder = default_model_dir()
+    assert Predictor.load().description["weights_sha256"] == OnnxPredictor(folder).description["weights_sha256"]
+    image = torch.from_numpy(synthetic_radiograph(120, size=100, seed=0)).float()[None] / 255
+    batch = normalize(resize(image, 128, "squash"), Predictor.load().contract)[None].repeat(2, 1, 1, 1).numpy()
+    result = OnnxPredictor(folder).predict_batch(batch, np.array([0, 1]))
+    assert result["months"].tolist() == pytest.approx(RECORDED_MONTHS, abs=0.05)
+    assert result["score"] is not None  # the refusal check runs on onnxruntime too

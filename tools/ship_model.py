@@ -1,10 +1,14 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [--name lite0-128] [--dtype float16]
+    python tools/ship_model.py RUN_DIR [--name lite0-128] [--dtype float16] [--correct]
 
 Predicts the seed split's val images with the fp32 weights and with the stored dtype, scores both with
 `boneage.evaluate`, and records both in config.json (``metrics.val``, ``metrics.val_fp32``) so the cost of reduced
-precision is visible. Val is the split the best epoch was selected on: these are selection metrics, not a test
+precision is visible. With ``--correct``, a per-sex linear correction of the output (``truth ~ slope * prediction +
+intercept``) is fit on the model's predictions for its own training images (never val) and stored in config.json;
+both backends apply it. The folder gets ``model.onnx`` (``boneage export --attach``) last.
+
+Val is the split the best epoch was selected on: these are selection metrics, not a test
 result (the seed's holdout, withheld from this project, scores the shipped model independently).
 """
 
@@ -36,15 +40,44 @@ def _relative(path: str) -> str:
     return str(Path(*parts[parts.index("data") + 1 :])) if "data" in parts else Path(path).name
 
 
-def _score(model_dir: Path, tmp: Path, name: str) -> dict:
+def _predict_subset(model_dir: Path, tmp: Path, name: str, subset: str) -> Path:
     split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
     labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
-    val = labels.merge(split, on="id").query("split == 'val'")
-    meta = tmp / "meta.csv"
-    val[["id", "male"]].to_csv(meta, index=False)
-    paths = [DATA / "boneage-training-dataset" / f"{i}.png" for i in val["id"]]
-    predict_paths(paths, tmp / f"{name}.csv", model_dir=model_dir, metadata=meta, progress=False)
-    return evaluate(tmp / f"{name}.csv", DATA / "boneage-training-dataset.csv", figures=False)
+    part = labels.merge(split, on="id").query("split == @subset")
+    meta = tmp / f"meta_{subset}.csv"
+    part[["id", "male"]].to_csv(meta, index=False)
+    paths = [DATA / "boneage-training-dataset" / f"{i}.png" for i in part["id"]]
+    predict_paths(paths, tmp / f"{name}.csv", model_dir=model_dir, metadata=meta, progress=False, backend="torch")
+    return tmp / f"{name}.csv"
+
+
+def _score(model_dir: Path, tmp: Path, name: str) -> dict:
+    predictions = _predict_subset(model_dir, tmp, name, "val")
+    return evaluate(predictions, DATA / "boneage-training-dataset.csv", figures=False)
+
+
+def _fit_correction(model_dir: Path, tmp: Path) -> dict:
+    """Per-sex least squares of the true age on the predicted age, over the training images' predictions."""
+    import numpy as np
+
+    predictions = pd.read_csv(_predict_subset(model_dir, tmp, "train_predictions", "train"), dtype={"id": str})
+    labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
+    joined = predictions[predictions["status"] == "ok"].merge(labels[["id", "boneage"]], on="id")
+    correction: dict = {"fit_on": "the model's predictions for the seed split's train images (not val)"}
+    for name, is_male in (("female", False), ("male", True)):
+        part = joined[joined["male"].astype(str).str.lower().isin(["true"] if is_male else ["false"])]
+        slope, intercept = np.polyfit(part["bone_age_months"], part["boneage"], 1)
+        correction[name] = [round(float(slope), 5), round(float(intercept), 4)]
+        correction[f"n_{name}"] = len(part)
+    return correction
+
+
+def _set_correction(folder: Path, correction: dict) -> None:
+    from boneage.model import CONFIG_FILE, read_model_description
+
+    description = read_model_description(folder)
+    description["output"]["correction"] = correction
+    (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
 
 
 def _summary(metrics: dict) -> dict:
@@ -67,6 +100,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--name", default="lite0-128")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     args = parser.parse_args()
     model, description = load_model_folder(args.run_dir / "model")
     target = ROOT / "src" / "boneage" / "models" / args.name
@@ -82,6 +116,12 @@ def main() -> None:
             metrics=description["metrics"],
             dtype=getattr(torch, args.dtype),
         )
+        correction = None
+        uncorrected = None
+        if args.correct:
+            uncorrected = _summary(_score(staged, tmp, "uncorrected"))
+            correction = _fit_correction(staged, tmp)
+            _set_correction(staged, correction)
         stored = _summary(_score(staged, tmp, "stored"))
         full = {}
         if FULLRES.is_dir():
@@ -97,6 +137,7 @@ def main() -> None:
             **description["metrics"],
             "val": stored,
             "val_fp32": fp32,
+            **({"val_uncorrected": uncorrected} if uncorrected else {}),
             "val_note": "seed split val (n=1892): the best epoch was selected on it, so these are selection metrics",
             "fullres_samples": full,
         }
@@ -123,6 +164,8 @@ def main() -> None:
             metrics=metrics,
             dtype=getattr(torch, args.dtype),
         )
+        if correction:
+            _set_correction(target.with_name(target.name + ".tmp"), correction)
         # a 90% interval: calibrated on one half of val, coverage measured on the other half
         interval = calibrate_interval(tmp / "stored.csv", DATA / "boneage-training-dataset.csv", coverage=0.9)
         interval["calibration"]["source"] = "seed split val, calibration half (stratified by stage x sex, seed 0)"
@@ -137,6 +180,9 @@ def main() -> None:
             table[table["split"] == "val"],
             write_non_hand_images(tmp / "non_hand"),
         )
+    from boneage.export import attach_onnx
+
+    onnx_report = attach_onnx(target.with_name(target.name + ".tmp"))
     if target.exists():
         shutil.rmtree(target)
     target.with_name(target.name + ".tmp").rename(target)
@@ -146,7 +192,10 @@ def main() -> None:
                 "shipped": str(target),
                 "val": stored,
                 "val_fp32": fp32,
+                "val_uncorrected": uncorrected,
+                "correction": correction,
                 "fullres_samples": full,
+                "onnx": onnx_report,
                 "interval": interval,
                 "assessability": assessability,
             },

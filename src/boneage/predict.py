@@ -24,6 +24,7 @@ from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts 
     IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
     collect_images,
+    correct_months,
     default_model_dir,
     finish_row,
     format_age,
@@ -125,6 +126,7 @@ class Predictor:
         if self.tta_hflip:
             output = 0.5 * (output + self.forward(images.flip(-1), male).float())
         if self.task == "regression":
+            output = correct_months(output, male.to(output.device), self.description).float()
             return {"months": output, "stage": stage_of(output), "score": score}
         return {"months": torch.full((len(images),), float("nan")), "stage": output.argmax(dim=1), "score": score}
 

@@ -148,6 +148,18 @@ def format_age(months: float) -> str:
     return f"{total // 12}y {total % 12}m"
 
 
+def correct_months(months: Any, male: Any, description: dict[str, Any]) -> Any:
+    """Apply the model folder's per-sex linear correction ``slope * months + intercept`` (fit on the model's own
+    training-set predictions, see ``tools/ship_model.py``), if it has one. ``months`` and ``male`` are NumPy arrays or
+    torch tensors of shape (B,)."""
+    correction = description.get("output", {}).get("correction")
+    if not correction:
+        return months
+    (slope_f, intercept_f), (slope_m, intercept_m) = correction["female"], correction["male"]
+    is_male = male * 1.0  # bool/int -> float, NumPy or torch alike
+    return months * (slope_f + (slope_m - slope_f) * is_male) + (intercept_f + (intercept_m - intercept_f) * is_male)
+
+
 def new_row(path: Path, male: bool | None) -> dict[str, Any]:
     return {"id": path.stem, "path": str(path), "male": male}
 
@@ -211,8 +223,10 @@ class OnnxPredictor:
         import onnxruntime as ort
 
         path = Path(path)
+        folder_config = False
         if path.is_dir():
             config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            folder_config = bool(config)
             expected = config.get("onnx", {}).get("sha256")
             path = path / ONNX_FILE
             if not path.is_file():
@@ -232,7 +246,9 @@ class OnnxPredictor:
         if METADATA_KEY not in meta:
             raise ModelLoadError(f"{path}: no '{METADATA_KEY}' metadata; export it with `boneage export`")
         self.model_dir = path
-        self.description: dict[str, Any] = json.loads(meta[METADATA_KEY])
+        # a model folder's config.json is authoritative (its interval, refusal threshold and correction may have
+        # been added after export); a bare .onnx file carries its own copy in the metadata
+        self.description: dict[str, Any] = config if folder_config else json.loads(meta[METADATA_KEY])
         self.contract = contract_from_description(self.description)
         self.task = self.description["model"]["task"]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -256,6 +272,7 @@ class OnnxPredictor:
         if self.tta_hflip:
             output = 0.5 * (output + self._run(images[..., ::-1], male)[0])
         if self.task == "regression":
+            output = correct_months(output, male, self.description).astype(np.float32)
             return {"months": output, "stage": stage_index(output), "score": score}
         return {"months": np.full(len(images), np.nan, np.float32), "stage": output.argmax(axis=1), "score": score}
 
