@@ -4,7 +4,8 @@ Usage (from the repository root; needs ../shared/data):
     python bench/bench_latency.py [--cold-runs 3] [--warm-runs 50]
 
 Peak RSS is measured in a fresh process per batch size, predicting the val images repeated to 1,000 and 10,000
-files with the shipped model (PyTorch backend), rows streamed to a CSV as in `boneage predict`.
+files with the shipped model, on each backend (onnx: the default path; torch), rows streamed to a CSV as in
+`boneage predict`.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ def val_paths() -> list[Path]:
     return [DATA / "boneage-training-dataset" / f"{i}.png" for i in split.query("split == 'val'")["id"]]
 
 
-def rss_child(n: int) -> None:
+def rss_child(n: int, backend: str) -> None:
     """Predict n files (val repeated) and print the peak RSS in MiB as the last line."""
-    from boneage.predict import Predictor
+    from boneage.runtime import load_predictor
 
     paths = val_paths()
     files = [paths[i % len(paths)] for i in range(n)]
-    predictor = Predictor.load()
+    predictor = load_predictor(None, backend)
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "p.csv", "w", newline="") as handle:
         writer = None
         for row in predictor.predict_files(files, [True] * n, batch_size=32):
@@ -54,50 +55,72 @@ def main() -> None:
     parser.add_argument("--cold-runs", type=int, default=3)
     parser.add_argument("--warm-runs", type=int, default=50)
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="onnx", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        rss_child(args.rss_child)
+        rss_child(args.rss_child, args.backend)
         return
     if not DATA.is_dir():
         raise SystemExit(f"skipped: {DATA} not found")
     image = sorted(FULLRES.glob("*.png"))[0] if FULLRES.is_dir() else val_paths()[0]
     results: dict[str, object] = {"image": image.name}
 
-    cold = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.cold_runs):
-            start = time.perf_counter()
-            subprocess.run(
-                ["boneage", "predict", str(image), "--sex", "F", "--quiet", "--output", f"{tmp}/p.csv"],
-                check=True,
-                capture_output=True,
-            )
-            cold.append(time.perf_counter() - start)
-    results["cold_cli_seconds_median"] = statistics.median(cold)
-
+    import numpy as np
     import torch
 
     from boneage.data import preprocess
-    from boneage.predict import Predictor
+    from boneage.imageio import preprocess_array
+    from boneage.runtime import load_predictor
 
-    predictor = Predictor.load()
-    male = torch.tensor([0])
-    timings = []
-    for i in range(args.warm_runs + 3):
-        start = time.perf_counter()
-        predictor.predict_tensor(preprocess(image, predictor.contract)[None], male)
-        if i >= 3:  # the first calls warm the allocator and kernels
-            timings.append((time.perf_counter() - start) * 1000)
-    timings.sort()
-    results["warm_ms_p50"] = timings[len(timings) // 2]
-    results["warm_ms_p95"] = timings[int(len(timings) * 0.95) - 1]
+    for backend in ("onnx", "torch"):  # onnx: the default path (the shipped folder's model.onnx)
+        cold = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.cold_runs):
+                start = time.perf_counter()
+                subprocess.run(
+                    [
+                        "boneage",
+                        "predict",
+                        str(image),
+                        "--sex",
+                        "F",
+                        "--quiet",
+                        "--backend",
+                        backend,
+                        "--output",
+                        f"{tmp}/p.csv",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+                cold.append(time.perf_counter() - start)
+        results[f"{backend}_cold_cli_seconds_median"] = statistics.median(cold)
 
-    for n in (1000, 10000):
-        out = subprocess.run(
-            [sys.executable, __file__, "--rss-child", str(n)], check=True, capture_output=True, text=True
+        predictor = load_predictor(None, backend)
+        timings = []
+        for i in range(args.warm_runs + 3):
+            start = time.perf_counter()
+            if backend == "torch":
+                predictor.predict_batch(preprocess(image, predictor.contract)[None], torch.tensor([0]))
+            else:
+                predictor.predict_batch(preprocess_array(image, predictor.contract)[None], np.array([0]))
+            if i >= 3:  # the first calls warm the allocator and kernels
+                timings.append((time.perf_counter() - start) * 1000)
+        timings.sort()
+        results[f"{backend}_warm_ms_p50"] = timings[len(timings) // 2]
+        results[f"{backend}_warm_ms_p95"] = timings[int(len(timings) * 0.95) - 1]
+
+        for n in (1000, 10000):
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-child", str(n), "--backend", backend],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results[f"{backend}_peak_rss_mib_{n}"] = float(out.stdout.strip().splitlines()[-1])
+        results[f"{backend}_rss_ratio_10000_vs_1000"] = (
+            results[f"{backend}_peak_rss_mib_10000"] / results[f"{backend}_peak_rss_mib_1000"]
         )
-        results[f"peak_rss_mib_{n}"] = float(out.stdout.strip().splitlines()[-1])
-    results["rss_ratio_10000_vs_1000"] = results["peak_rss_mib_10000"] / results["peak_rss_mib_1000"]
     print(json.dumps(results, indent=2))
 
 

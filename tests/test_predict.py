@@ -154,3 +154,16 @@ def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, 
         resolve_sexes([plain], sex="unknown")
     assert main(["gradcam", str(plain), "--model", str(model_dir), "--output", str(tmp_path / "g.png")]) == 2
     assert "sex unknown for" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+
+
+def test_a_csv_lists_images_relative_to_itself(image_folder, tmp_path):
+    listing = image_folder / "list.csv"
+    listing.write_text("path\na.png\nnested/b.jpg\nmissing.png\n")
+    assert collect_images([listing]) == [
+        image_folder / "a.png",
+        image_folder / "nested" / "b.jpg",
+        image_folder / "missing.png",
+    ]
+    (tmp_path / "bad.csv").write_text("file\na.png\n")
+    with pytest.raises(ValueError, match="'path' column"):
+        collect_images([tmp_path / "bad.csv"])

@@ -65,11 +65,19 @@ def default_model_dir() -> Path:
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom) into a sorted, de-duplicated list."""
+    """Expand files, folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom) and CSV lists (a ``path`` column, relative to
+    the CSV's folder) into a de-duplicated list, in the order given (a folder's files sorted)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if path.suffix.lower() == ".csv" and path.is_file():
+            import pandas as pd
+
+            listed = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if "path" not in listed.columns:
+                raise ValueError(f"{path}: a list of images needs a 'path' column; found {list(listed.columns)}")
+            found += [p if p.is_absolute() else path.parent / p for p in map(Path, listed["path"]) if str(p)]
+        elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             found.append(path)  # a missing file becomes an error row, not a crash
