@@ -77,6 +77,7 @@ class BoneAgeService:
             "backbone": description.get("model", {}).get("backbone"),
             "image_size": description.get("data_contract", {}).get("image_size"),
             "backend": self.backend,
+            "output_correction": description.get("output", {}).get("correction") is not None,
             "val_mae_months": description.get("metrics", {}).get("val", {}).get("mae_months"),
             "interval_coverage": description.get("uncertainty", {}).get("evaluation", {}).get("coverage"),
         }
