@@ -159,3 +159,18 @@ def test_dashboard_page_and_openapi_schema(client):
     assert page.status_code == 200 and 'id="file"' in page.text and "/api/v1/predict" in page.text
     schema = client.get("/openapi.json").json()
     assert "/api/v1/predict" in schema["paths"] and "/api/v1/health" in schema["paths"]
+
+
+def test_onnx_backend_serves_without_gradcam_but_shows_the_radiograph(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from boneage.export import attach_onnx
+
+    folder = make_tiny_model(tmp_path / "model")
+    attach_onnx(folder)
+    client = TestClient(create_app(folder, backend="onnx"), raise_server_exceptions=False)
+    assert client.get("/api/v1/health").json()["model"]["backend"] == "onnx"
+    report = client.post(
+        "/api/v1/predict", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F", "gradcam": "true"}
+    ).json()
+    assert report["status"] == "ok" and "image_png" in report and "gradcam_png" not in report
+    assert "PyTorch" in report["gradcam_note"]

@@ -59,6 +59,20 @@ def _png_base64(rgb: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _display_rgb(path: Path, max_side: int = 512) -> Any:
+    """The radiograph as (H, W, 3) uint8 RGB, longest side ``max_side`` (what the dashboard shows)."""
+    import numpy as np
+    from PIL import Image
+
+    from boneage.imageio import read_image
+
+    gray = read_image(path)
+    scale = min(1.0, max_side / max(gray.shape))
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    shown = np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.BILINEAR)).clip(0, 1)
+    return (np.repeat(shown[..., None], 3, axis=2) * 255).round().astype(np.uint8)
+
+
 class BoneAgeService:
     """One loaded model behind a lock (Grad-CAM hooks the model, so requests take turns on it)."""
 
@@ -122,15 +136,18 @@ class BoneAgeService:
                     from boneage.explain import gradcam_overlay
 
                     images = gradcam_overlay(self.predictor.model, self.predictor.contract, path, male)
+                elif gradcam:  # onnxruntime has no gradients: show the radiograph alone
+                    images = (_display_rgb(path), None)
         report = {k: row.get(k) for k in PREDICTION_COLUMNS if k not in ("id", "path")}  # every field, None if unknown
         report.update(sex="M" if male else "F", sex_source=sex_source, age_source=age_source)
         report["sds_reference"] = REFERENCE if report.get("sds") is not None else None
         report["model"] = self.model_info
-        if gradcam:
-            if images is None:
-                report["gradcam_note"] = "Grad-CAM needs the PyTorch backend"
+        if images is not None:
+            report["image_png"] = _png_base64(images[0])
+            if images[1] is None:
+                report["gradcam_note"] = "Grad-CAM needs the PyTorch backend (this server runs on onnxruntime)"
             else:
-                report["image_png"], report["gradcam_png"] = _png_base64(images[0]), _png_base64(images[1])
+                report["gradcam_png"] = _png_base64(images[1])
         return report
 
 
