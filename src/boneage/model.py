@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from torch import nn
 from boneage import __version__
 from boneage.config import BoneAgeError, DataConfig, ModelConfig, contract_from_description  # noqa: F401 - re-exported
 from boneage.data import STAGE_EDGES_MONTHS, STAGE_NAMES
-from boneage.runtime import ModelLoadError
+from boneage.runtime import ModelLoadError, sha256_file  # noqa: F401 - re-exported
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -234,14 +233,6 @@ def load_pretrained(model: BoneAgeNet, source: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- model folder
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:

@@ -157,18 +157,8 @@ class Predictor:
         )
         with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress or len(paths) < 10) as bar:
             for items in loader:
-                rows: dict[int, dict[str, Any]] = {}
-                ready = []
-                for item in items:
-                    path = paths[item.index]
-                    row = new_row(path, sexes[item.index])
-                    if item.error is not None:
-                        row.update(status="error", message=item.error)
-                    elif sexes[item.index] is None:
-                        row.update(status="error", message=f"{path}: sex unknown; pass --sex M|F or --metadata CSV")
-                    else:
-                        ready.append(item)
-                    rows[item.index] = row
+                rows = {item.index: new_row(paths[item.index], sexes[item.index], item.error) for item in items}
+                ready = [item for item in items if "status" not in rows[item.index]]
                 if ready:
                     images = torch.stack([item.image for item in ready])  # type: ignore[misc]
                     male = torch.tensor([int(bool(sexes[item.index])) for item in ready])

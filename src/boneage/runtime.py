@@ -168,8 +168,15 @@ def correct_months(months: Any, male: Any, description: dict[str, Any]) -> Any:
     return months * (slope_f + (slope_m - slope_f) * is_male) + (intercept_f + (intercept_m - intercept_f) * is_male)
 
 
-def new_row(path: Path, male: bool | None) -> dict[str, Any]:
-    return {"id": path.stem, "path": str(path), "male": male}
+def new_row(path: Path, male: bool | None, error: str | None = None) -> dict[str, Any]:
+    """A file's row before prediction; an error row when it could not be read (``error``) or its sex is unknown.
+    Rows without a ``status`` go on to the model."""
+    row: dict[str, Any] = {"id": path.stem, "path": str(path), "male": male}
+    if error is not None:
+        row.update(status="error", message=error)
+    elif male is None:
+        row.update(status="error", message=f"{path}: sex unknown; pass --sex M|F or --metadata CSV")
+    return row
 
 
 def finish_row(
@@ -206,7 +213,8 @@ def finish_row(
         row.update(clinical)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -239,7 +247,7 @@ class OnnxPredictor:
             path = path / ONNX_FILE
             if not path.is_file():
                 raise ModelLoadError(f"{path}: not found; export one with `boneage export --format onnx`")
-            if expected and _sha256(path) != expected:
+            if expected and sha256_file(path) != expected:
                 raise ModelLoadError(f"{path}: checksum does not match config.json (corrupt or replaced file)")
         elif not path.is_file():
             raise ModelLoadError(f"{path}: ONNX file not found")
@@ -316,17 +324,8 @@ class OnnxPredictor:
                 for k, batch in enumerate(batches):
                     loaded = [f.result() for f in pending] if pending else [self._load(paths[i]) for i in batch]
                     pending = submit(batches[k + 1]) if pool and k + 1 < len(batches) else None
-                    rows = {i: new_row(paths[i], sexes[i]) for i in batch}
-                    ready = []
-                    for i, (image, error) in zip(batch, loaded):
-                        if error is not None:
-                            rows[i].update(status="error", message=error)
-                        elif sexes[i] is None:
-                            rows[i].update(
-                                status="error", message=f"{paths[i]}: sex unknown; pass --sex M|F or --metadata CSV"
-                            )
-                        else:
-                            ready.append((i, image))
+                    rows = {i: new_row(paths[i], sexes[i], error) for i, (_, error) in zip(batch, loaded)}
+                    ready = [(i, image) for i, (image, _) in zip(batch, loaded) if "status" not in rows[i]]
                     if ready:
                         images = np.stack([image for _, image in ready])
                         male = np.asarray([int(bool(sexes[i])) for i, _ in ready])
@@ -449,10 +448,10 @@ def predict_paths(
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         if not as_json:
             writer.writeheader()
+        if gradcam_dir is not None:
+            from boneage.predict import save_gradcam
         for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages):
             if gradcam_dir is not None and row["status"] == "ok":
-                from boneage.predict import save_gradcam
-
                 row["gradcam_path"] = str(save_gradcam(predictor, row["path"], bool(row["male"]), gradcam_dir))
             if as_json:
                 handle.write(json.dumps({k: row.get(k) for k in columns}) + "\n")
