@@ -4,6 +4,7 @@
   (b) the shipped model in PyTorch (`boneage predict --backend torch`)
   (c) the same on onnxruntime fp32: the shipped folder's model.onnx, `boneage predict`'s default path
   (d) the same quantised to int8 (static QDQ, calibrated on train images), on onnxruntime
+  (e) (c) without the flip test-time augmentation the shipped model asks for (`boneage predict --no-tta`)
 
 Usage (from the repository root; needs ../shared/data and `pip install -e ".[dev]"`):
     python bench/bench_predict.py [--n 1892] [--seed-n 320]
@@ -96,6 +97,7 @@ def main() -> None:
             ("b_default_torch", {"model_dir": default_model_dir(), "backend": "torch"}),
             ("c_default_onnx_fp32", {}),  # no model, no backend: what `boneage predict` does by default
             ("d_default_onnx_int8", {"model_dir": tmp_path / "int8.onnx", "backend": "onnx"}),
+            ("e_default_onnx_fp32_no_tta", {"tta": False}),
         ):
             rate, table = timed_predict(paths, tmp_path / f"{name}.csv", metadata=meta_csv, **kwargs)
             rates[name] = rate

@@ -128,6 +128,41 @@ def test_tta_averages_the_image_and_its_mirror(image_folder, model_dir, tmp_path
     assert table["bone_age_months"][0] == pytest.approx(float(averaged[0]), abs=0.01)
 
 
+def test_a_model_folder_can_ask_for_tta_by_default_and_the_user_can_turn_it_off(image_folder, model_dir, tmp_path):
+    import json
+
+    one = [image_folder / "a.png"]
+    common = {"model_dir": model_dir, "sex": "M", "progress": False}
+    plain = predict_paths(one, tmp_path / "plain.csv", **common)["bone_age_months"][0]
+    averaged = predict_paths(one, tmp_path / "tta.csv", tta=True, **common)["bone_age_months"][0]
+    assert abs(plain - averaged) > 1e-3  # the tiny model is not mirror-symmetric, so the test can tell them apart
+    config = json.loads((model_dir / "config.json").read_text())
+    config["output"]["tta_hflip"] = True
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert Predictor.load(model_dir).tta_hflip
+    assert predict_paths(one, tmp_path / "d.csv", **common)["bone_age_months"][0] == pytest.approx(averaged, abs=1e-3)
+    off = predict_paths(one, tmp_path / "off.csv", tta=False, **common)["bone_age_months"][0]
+    assert off == pytest.approx(plain, abs=1e-3)
+    assert (
+        main(
+            [
+                "predict",
+                str(one[0]),
+                "--model",
+                str(model_dir),
+                "--sex",
+                "M",
+                "--no-tta",
+                "--quiet",
+                "--output",
+                str(tmp_path / "cli.csv"),
+            ]
+        )
+        == 0
+    )
+    assert pd.read_csv(tmp_path / "cli.csv")["bone_age_months"][0] == pytest.approx(plain, abs=0.01)
+
+
 def test_json_output_has_the_same_rows(image_folder, model_dir, tmp_path):
     import json
 

@@ -1,12 +1,14 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [--name lite0-128] [--dtype float16] [--correct]
+    python tools/ship_model.py RUN_DIR [--name lite0-160] [--dtype float16] [--tta] [--correct]
 
 Predicts the seed split's val images with the fp32 weights and with the stored dtype, scores both with
 `boneage.evaluate`, and records both in config.json (``metrics.val``, ``metrics.val_fp32``) so the cost of reduced
 precision is visible. With ``--correct``, a per-sex linear correction of the output (``truth ~ slope * prediction +
 intercept``) is fit on the model's predictions for its own training images (never val) and stored in config.json;
-both backends apply it. The folder gets ``model.onnx`` (``boneage export --attach``) last.
+both backends apply it. With ``--tta``, the model predicts the average of each image and its mirror by default
+(``output.tta_hflip``), and every metric, the correction and the interval are measured that way. The folder gets
+``model.onnx`` (``boneage export --attach``) last.
 
 Val is the split the best epoch was selected on: these are selection metrics, not a test
 result (the seed's holdout, withheld from this project, scores the shipped model independently).
@@ -40,19 +42,21 @@ def _relative(path: str) -> str:
     return str(Path(*parts[parts.index("data") + 1 :])) if "data" in parts else Path(path).name
 
 
-def _predict_subset(model_dir: Path, tmp: Path, name: str, subset: str) -> Path:
+def _predict_subset(model_dir: Path, tmp: Path, name: str, subset: str, tta: bool | None = None) -> Path:
     split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
     labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
     part = labels.merge(split, on="id").query("split == @subset")
     meta = tmp / f"meta_{subset}.csv"
     part[["id", "male"]].to_csv(meta, index=False)
     paths = [DATA / "boneage-training-dataset" / f"{i}.png" for i in part["id"]]
-    predict_paths(paths, tmp / f"{name}.csv", model_dir=model_dir, metadata=meta, progress=False, backend="torch")
+    predict_paths(
+        paths, tmp / f"{name}.csv", model_dir=model_dir, metadata=meta, progress=False, backend="torch", tta=tta
+    )
     return tmp / f"{name}.csv"
 
 
-def _score(model_dir: Path, tmp: Path, name: str) -> dict:
-    predictions = _predict_subset(model_dir, tmp, name, "val")
+def _score(model_dir: Path, tmp: Path, name: str, tta: bool | None = None) -> dict:
+    predictions = _predict_subset(model_dir, tmp, name, "val", tta)
     return evaluate(predictions, DATA / "boneage-training-dataset.csv", figures=False)
 
 
@@ -72,11 +76,11 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
     return correction
 
 
-def _set_correction(folder: Path, correction: dict) -> None:
+def _set_output(folder: Path, **fields) -> None:
     from boneage.model import CONFIG_FILE, read_model_description
 
     description = read_model_description(folder)
-    description["output"]["correction"] = correction
+    description["output"].update(fields)
     (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
 
 
@@ -98,15 +102,16 @@ def _summary(metrics: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--name", default="lite0-128")
+    parser.add_argument("--name", default="lite0-160")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
+    parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
     args = parser.parse_args()
     model, description = load_model_folder(args.run_dir / "model")
     target = ROOT / "src" / "boneage" / "models" / args.name
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        fp32 = _summary(_score(args.run_dir / "model", tmp, "fp32"))
+        fp32 = _summary(_score(args.run_dir / "model", tmp, "fp32", tta=args.tta))
         staged = tmp / "staged"
         save_model_folder(
             staged,
@@ -116,12 +121,14 @@ def main() -> None:
             metrics=description["metrics"],
             dtype=getattr(torch, args.dtype),
         )
+        if args.tta:
+            _set_output(staged, tta_hflip=True)
         correction = None
         uncorrected = None
         if args.correct:
             uncorrected = _summary(_score(staged, tmp, "uncorrected"))
             correction = _fit_correction(staged, tmp)
-            _set_correction(staged, correction)
+            _set_output(staged, correction=correction)
         stored = _summary(_score(staged, tmp, "stored"))
         full = {}
         if FULLRES.is_dir():
@@ -164,8 +171,10 @@ def main() -> None:
             metrics=metrics,
             dtype=getattr(torch, args.dtype),
         )
+        if args.tta:
+            _set_output(target.with_name(target.name + ".tmp"), tta_hflip=True)
         if correction:
-            _set_correction(target.with_name(target.name + ".tmp"), correction)
+            _set_output(target.with_name(target.name + ".tmp"), correction=correction)
         # a 90% interval: calibrated on one half of val, coverage measured on the other half
         interval = calibrate_interval(tmp / "stored.csv", DATA / "boneage-training-dataset.csv", coverage=0.9)
         interval["calibration"]["source"] = "seed split val, calibration half (stratified by stage x sex, seed 0)"

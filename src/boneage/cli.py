@@ -316,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "torch", "onnx"),
         help="inference engine (auto: onnxruntime when the model has model.onnx or is an .onnx file, else PyTorch)",
     )
-    predict.add_argument("--tta", action="store_true", help="average with the mirrored image (twice the compute)")
+    predict.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average with the mirrored image (twice the compute); default: as the model folder says",
+    )
     predict.add_argument(
         "--metadata",
         help="CSV with id,male[,chronological_age_months] per image id (the file stem)",

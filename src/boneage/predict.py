@@ -33,6 +33,7 @@ from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts 
     read_metadata,
     resolve_ages,
     resolve_sexes,
+    tta_default,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Predictor:
         from boneage.quality import Assessability
 
         self.assessability = Assessability.load(model_dir, description)
+        self.tta_hflip = tta_default(description)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "torch") -> Predictor:
@@ -96,7 +98,7 @@ class Predictor:
         model, description = load_model_folder(folder)
         return cls(model, description, folder)
 
-    tta_hflip: bool = False  # average the output over the image and its mirror (test-time augmentation)
+    tta_hflip: bool = False  # average the output over the image and its mirror (the model folder's default)
 
     @property
     def half_width(self) -> float | None:

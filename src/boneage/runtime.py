@@ -30,7 +30,7 @@ from boneage.imageio import STAGE_NAMES, ImageReadError, dicom_patient_info, par
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "lite0-128"
+DEFAULT_MODEL = "lite0-160"
 ONNX_FILE = "model.onnx"
 METADATA_KEY = "boneage.config"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
@@ -168,6 +168,12 @@ def correct_months(months: Any, male: Any, description: dict[str, Any]) -> Any:
     return months * (slope_f + (slope_m - slope_f) * is_male) + (intercept_f + (intercept_m - intercept_f) * is_male)
 
 
+def tta_default(description: dict[str, Any]) -> bool:
+    """Whether the model folder asks for flip test-time augmentation by default (``output.tta_hflip``): a model
+    whose metrics, correction and interval were measured on the average of the image and its mirror."""
+    return bool(description.get("output", {}).get("tta_hflip", False))
+
+
 def new_row(path: Path, male: bool | None, error: str | None = None) -> dict[str, Any]:
     """A file's row before prediction; an error row when it could not be read (``error``) or its sex is unknown.
     Rows without a ``status`` go on to the model."""
@@ -270,6 +276,7 @@ class OnnxPredictor:
         self.output_names = [o.name for o in self.session.get_outputs()]
         info = self.description.get("assessability") or {}
         self.threshold = float(info["threshold"]) if "score" in self.output_names and info else None
+        self.tta_hflip = tta_default(self.description)
 
     @property
     def half_width(self) -> float | None:
@@ -400,7 +407,7 @@ def predict_paths(
     num_workers: int | None = None,
     progress: bool = True,
     backend: str = "auto",
-    tta: bool = False,
+    tta: bool | None = None,
     chronological_age: float | str | None = None,
     gradcam_dir: str | Path | None = None,
 ) -> Any:
@@ -415,7 +422,8 @@ def predict_paths(
             ``chronological_age`` for the ids it lists.
         sex: ``M`` or ``F`` for every image without metadata; DICOM files without either use PatientSex.
         backend: ``auto`` (see :func:`load_predictor`), ``torch`` or ``onnx``.
-        tta: average each prediction with that of the mirrored image.
+        tta: average each prediction with that of the mirrored image; None: the model folder's default
+            (``output.tta_hflip`` in its config.json).
         chronological_age: months, for every image without ``chronological_age_months`` in the metadata; DICOM
             files without either use PatientAge or the birth and study dates. Adds BA - CA, SDS and the call.
         gradcam_dir: write ``<id>_gradcam.png`` (the radiograph beside its Grad-CAM overlay) here for every
@@ -436,7 +444,8 @@ def predict_paths(
             raise ValueError("--gradcam needs the PyTorch backend (Grad-CAM takes gradients through the model)")
         backend = "torch"
     predictor = load_predictor(model_dir, backend)
-    predictor.tta_hflip = tta
+    if tta is not None:
+        predictor.tta_hflip = tta
     columns = PREDICTION_COLUMNS + (["gradcam_path"] if gradcam_dir is not None else [])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,7 @@ class BoneAgeService:
             "image_size": description.get("data_contract", {}).get("image_size"),
             "backend": self.backend,
             "output_correction": description.get("output", {}).get("correction") is not None,
+            "flip_tta": bool(self.predictor.tta_hflip),
             "val_mae_months": description.get("metrics", {}).get("val", {}).get("mae_months"),
             "interval_coverage": description.get("uncertainty", {}).get("evaluation", {}).get("coverage"),
         }
