@@ -9,6 +9,7 @@ from PIL import Image
 
 from boneage.cli import main
 from boneage.predict import PREDICTION_COLUMNS, Predictor, collect_images, format_age, predict_paths
+from boneage.runtime import ModelLoadError
 from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
 
 
@@ -143,24 +144,13 @@ def test_a_model_folder_can_ask_for_tta_by_default_and_the_user_can_turn_it_off(
     assert predict_paths(one, tmp_path / "d.csv", **common)["bone_age_months"][0] == pytest.approx(averaged, abs=1e-3)
     off = predict_paths(one, tmp_path / "off.csv", tta=False, **common)["bone_age_months"][0]
     assert off == pytest.approx(plain, abs=1e-3)
-    assert (
-        main(
-            [
-                "predict",
-                str(one[0]),
-                "--model",
-                str(model_dir),
-                "--sex",
-                "M",
-                "--no-tta",
-                "--quiet",
-                "--output",
-                str(tmp_path / "cli.csv"),
-            ]
-        )
-        == 0
-    )
+    argv = ["predict", str(one[0]), "--model", str(model_dir), "--sex", "M", "--quiet", "--output"]
+    assert main([*argv, str(tmp_path / "cli.csv"), "--no-tta"]) == 0
     assert pd.read_csv(tmp_path / "cli.csv")["bone_age_months"][0] == pytest.approx(plain, abs=0.01)
+    config["output"]["tta_hflip"] = "yes"  # not a boolean: refused, naming the file and the field
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"config.json: output.tta_hflip: expected true or false"):
+        Predictor.load(model_dir)
 
 
 def test_json_output_has_the_same_rows(image_folder, model_dir, tmp_path):

@@ -171,10 +171,11 @@ def main() -> None:
             metrics=metrics,
             dtype=getattr(torch, args.dtype),
         )
-        if args.tta:
-            _set_output(target.with_name(target.name + ".tmp"), tta_hflip=True)
-        if correction:
-            _set_output(target.with_name(target.name + ".tmp"), correction=correction)
+        _set_output(
+            target.with_name(target.name + ".tmp"),
+            **({"tta_hflip": True} if args.tta else {}),
+            **({"correction": correction} if correction else {}),
+        )
         # a 90% interval: calibrated on one half of val, coverage measured on the other half
         interval = calibrate_interval(tmp / "stored.csv", DATA / "boneage-training-dataset.csv", coverage=0.9)
         interval["calibration"]["source"] = "seed split val, calibration half (stratified by stage x sex, seed 0)"

@@ -83,7 +83,9 @@ class Predictor:
         from boneage.quality import Assessability
 
         self.assessability = Assessability.load(model_dir, description)
-        self.tta_hflip = tta_default(description)
+        self.tta_hflip = tta_default(
+            description, Path(model_dir) / "config.json"
+        )  # average with the mirrored image; callers may override
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "torch") -> Predictor:
@@ -97,8 +99,6 @@ class Predictor:
         folder = Path(model_dir) if model_dir else default_model_dir()
         model, description = load_model_folder(folder)
         return cls(model, description, folder)
-
-    tta_hflip: bool = False  # average the output over the image and its mirror (the model folder's default)
 
     @property
     def half_width(self) -> float | None:

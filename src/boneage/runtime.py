@@ -168,10 +168,13 @@ def correct_months(months: Any, male: Any, description: dict[str, Any]) -> Any:
     return months * (slope_f + (slope_m - slope_f) * is_male) + (intercept_f + (intercept_m - intercept_f) * is_male)
 
 
-def tta_default(description: dict[str, Any]) -> bool:
+def tta_default(description: dict[str, Any], source: str | Path = "config.json") -> bool:
     """Whether the model folder asks for flip test-time augmentation by default (``output.tta_hflip``): a model
     whose metrics, correction and interval were measured on the average of the image and its mirror."""
-    return bool(description.get("output", {}).get("tta_hflip", False))
+    value = description.get("output", {}).get("tta_hflip", False)
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"{source}: output.tta_hflip: expected true or false, got {value!r}")
+    return value
 
 
 def new_row(path: Path, male: bool | None, error: str | None = None) -> dict[str, Any]:
@@ -237,8 +240,6 @@ class OnnxPredictor:
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
     """
 
-    tta_hflip: bool = False
-
     def __init__(self, path: str | Path, threads: int | None = None):
         if not _importable("onnxruntime"):
             raise ModelLoadError("the ONNX backend needs onnxruntime: pip install onnxruntime")
@@ -276,7 +277,7 @@ class OnnxPredictor:
         self.output_names = [o.name for o in self.session.get_outputs()]
         info = self.description.get("assessability") or {}
         self.threshold = float(info["threshold"]) if "score" in self.output_names and info else None
-        self.tta_hflip = tta_default(self.description)
+        self.tta_hflip = tta_default(self.description, path)  # average with the mirrored image; callers may override
 
     @property
     def half_width(self) -> float | None:
