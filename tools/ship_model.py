@@ -1,6 +1,6 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [--name lite0-160] [--dtype float16] [--tta] [--correct]
+    python tools/ship_model.py RUN_DIR [--name lite0-192] [--dtype float16] [--tta] [--correct]
 
 Predicts the seed split's val images with the fp32 weights and with the stored dtype, scores both with
 `boneage.evaluate`, and records both in config.json (``metrics.val``, ``metrics.val_fp32``) so the cost of reduced
@@ -94,6 +94,8 @@ def _summary(metrics: dict) -> dict:
         "mean_signed_error_months": round(reg["mean_signed_error_months"], 3),
         "mae_male_months": round(sex["male"]["mae_months"], 3),
         "mae_female_months": round(sex["female"]["mae_months"], 3),
+        "bias_male_months": round(sex["male"]["mean_signed_error_months"], 3),
+        "bias_female_months": round(sex["female"]["mean_signed_error_months"], 3),
         "stage_qwk": round(metrics["stage_from_regression"]["quadratic_weighted_kappa"], 4),
         "stage_accuracy": round(metrics["stage_from_regression"]["accuracy"], 4),
     }
@@ -102,7 +104,7 @@ def _summary(metrics: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--name", default="lite0-160")
+    parser.add_argument("--name", default="lite0-192")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
