@@ -8,7 +8,7 @@ import pytest
 
 from boneage.cli import main
 from boneage.data import DataValidationError
-from boneage.evaluate import evaluate, regression_metrics, stage_metrics
+from boneage.evaluate import evaluate, headline, regression_metrics, stage_metrics
 
 
 def test_regression_metrics_by_hand():
@@ -71,6 +71,10 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     assert metrics["by_stage"]["Adolescent"] == {"n": 1, "mae_months": 10.0, "mean_signed_error_months": -10.0}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_scored"] == 4
     assert "MAE 5.50" in (tmp_path / "out" / "report.txt").read_text()
+    row = headline(metrics, digits=1)  # the flat summary the shipping and comparison tools record
+    assert row["n"] == 4 and row["mae_months"] == 5.5 and row["mean_signed_error_months"] == -2.5
+    assert (row["bias_male_months"], row["bias_female_months"], row["mae_female_months"]) == (0.0, -5.0, 5.0)
+    assert row["stage_qwk"] == 1.0 and row["stage_accuracy"] == 1.0
 
 
 def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from boneage.evaluate import evaluate
+from boneage.evaluate import evaluate, headline
 from boneage.predict import predict_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +32,7 @@ def _model_dir(path: Path) -> Path:
 
 
 def _row(name: str, predictions: Path, labels: Path) -> dict:
-    metrics = evaluate(predictions, labels, figures=False)
-    reg, sex = metrics["regression"], metrics["by_sex"]
-    return {
-        "name": name,
-        "n": reg["n"],
-        "mae": round(reg["mae_months"], 3),
-        "bias": round(reg["mean_signed_error_months"], 2),
-        "male_mae": round(sex["male"]["mae_months"], 2),
-        "female_mae": round(sex["female"]["mae_months"], 2),
-        "male_bias": round(sex["male"]["mean_signed_error_months"], 2),
-        "female_bias": round(sex["female"]["mean_signed_error_months"], 2),
-        "qwk": round(metrics["stage_from_regression"]["quadratic_weighted_kappa"], 4),
-    }
+    return {"name": name, **headline(evaluate(predictions, labels, figures=False))}
 
 
 def _average(files: list[Path], output: Path) -> Path:
@@ -107,7 +95,8 @@ def main() -> None:
             out = _average(full_tta, args.out / "average_fullres.csv")
             rows.append(_row(f"average of {names}, full-resolution", out, FULLRES / "labels.csv"))
 
-    keys = ["n", "mae", "bias", "male_mae", "female_mae", "male_bias", "female_bias", "qwk"]
+    keys = ["n", "mae_months", "mean_signed_error_months", "mae_male_months", "mae_female_months"]
+    keys += ["bias_male_months", "bias_female_months", "stage_qwk"]
     print("| run | " + " | ".join(keys) + " |\n| --- |" + " ---: |" * len(keys))
     for row in rows:
         print(f"| {row['name']} | " + " | ".join(str(row[k]) for k in keys) + " |")

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from boneage.data import read_labels, read_split
-from boneage.evaluate import evaluate
+from boneage.evaluate import evaluate, headline
 from boneage.model import contract_from_description, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
 from boneage.quality import fit_for_model, write_non_hand_images
@@ -84,23 +84,6 @@ def _set_output(folder: Path, **fields) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
 
 
-def _summary(metrics: dict) -> dict:
-    reg, sex = metrics["regression"], metrics["by_sex"]
-    return {
-        "n": reg["n"],
-        "mae_months": round(reg["mae_months"], 3),
-        "rmse_months": round(reg["rmse_months"], 3),
-        "r2": round(reg["r2"], 4),
-        "mean_signed_error_months": round(reg["mean_signed_error_months"], 3),
-        "mae_male_months": round(sex["male"]["mae_months"], 3),
-        "mae_female_months": round(sex["female"]["mae_months"], 3),
-        "bias_male_months": round(sex["male"]["mean_signed_error_months"], 3),
-        "bias_female_months": round(sex["female"]["mean_signed_error_months"], 3),
-        "stage_qwk": round(metrics["stage_from_regression"]["quadratic_weighted_kappa"], 4),
-        "stage_accuracy": round(metrics["stage_from_regression"]["accuracy"], 4),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
@@ -113,7 +96,7 @@ def main() -> None:
     target = ROOT / "src" / "boneage" / "models" / args.name
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        fp32 = _summary(_score(args.run_dir / "model", tmp, "fp32", tta=args.tta))
+        fp32 = headline(_score(args.run_dir / "model", tmp, "fp32", tta=args.tta))
         staged = tmp / "staged"
         save_model_folder(
             staged,
@@ -128,10 +111,10 @@ def main() -> None:
         correction = None
         uncorrected = None
         if args.correct:
-            uncorrected = _summary(_score(staged, tmp, "uncorrected"))
+            uncorrected = headline(_score(staged, tmp, "uncorrected"))
             correction = _fit_correction(staged, tmp)
             _set_output(staged, correction=correction)
-        stored = _summary(_score(staged, tmp, "stored"))
+        stored = headline(_score(staged, tmp, "stored"))
         full = {}
         if FULLRES.is_dir():
             predict_paths(
@@ -141,7 +124,7 @@ def main() -> None:
                 metadata=FULLRES / "labels.csv",
                 progress=False,
             )
-            full = _summary(evaluate(tmp / "full.csv", FULLRES / "labels.csv", figures=False))
+            full = headline(evaluate(tmp / "full.csv", FULLRES / "labels.csv", figures=False))
         metrics = {
             **description["metrics"],
             "val": stored,

@@ -216,6 +216,20 @@ def evaluate(
     return metrics
 
 
+def headline(metrics: dict[str, Any], digits: int = 3) -> dict[str, Any]:
+    """The few numbers a model is judged by, flat and rounded: n, MAE, RMSE, R², bias, per-sex MAE and bias, QWK."""
+    reg, sex, stage = metrics["regression"], metrics["by_sex"], metrics["stage_from_regression"]
+    row = {"n": reg["n"]}
+    for key in ("mae_months", "rmse_months", "r2", "mean_signed_error_months"):
+        row[key] = round(reg[key], digits)
+    for name in ("male", "female"):
+        row[f"mae_{name}_months"] = round(sex[name]["mae_months"], digits)
+        row[f"bias_{name}_months"] = round(sex[name]["mean_signed_error_months"], digits)
+    row["stage_qwk"] = round(stage["quadratic_weighted_kappa"], 4)
+    row["stage_accuracy"] = round(stage["accuracy"], 4)
+    return row
+
+
 def format_report(metrics: dict[str, Any]) -> str:
     """A readable text report of :func:`evaluate`'s metrics."""
     lines = [
