@@ -18,13 +18,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from ship_model import DATA, FULLRES, predict_fullres, predict_subset  # tools/ is on sys.path when run as a script
 
 from boneage.evaluate import evaluate, headline
-from boneage.predict import predict_paths
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
-FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples"
 
 
 def _model_dir(path: Path) -> Path:
@@ -57,12 +53,7 @@ def main() -> None:
         raise SystemExit(f"needs the RSNA 100-px data at {DATA}")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
     labels_csv = DATA / "boneage-training-dataset.csv"
-    val = pd.read_csv(labels_csv, dtype={"id": str}).merge(split, on="id").query("split == 'val'")
-    meta = args.out / "val_meta.csv"
-    val[["id", "male"]].to_csv(meta, index=False)
-    val_paths = [DATA / "boneage-training-dataset" / f"{i}.png" for i in val["id"]]
     fullres = not args.no_fullres and FULLRES.is_dir()
 
     rows, val_tta, full_tta = [], [], []
@@ -70,23 +61,12 @@ def main() -> None:
         model_dir = _model_dir(run)
         name = run.name
         for tta in (False, True):
-            out = args.out / f"{name}_val_{'tta' if tta else 'plain'}.csv"
-            predict_paths(val_paths, out, model_dir=model_dir, metadata=meta, progress=False, backend="torch", tta=tta)
+            out = predict_subset(model_dir, args.out, f"{name}_val_{'tta' if tta else 'plain'}", "val", tta)
             rows.append(_row(f"{name} val{' + flip TTA' if tta else ''}", out, labels_csv))
         val_tta.append(out)
         if fullres:
-            out = args.out / f"{name}_fullres_tta.csv"
-            predict_paths(
-                [FULLRES / "images"],
-                out,
-                model_dir=model_dir,
-                metadata=FULLRES / "labels.csv",
-                progress=False,
-                backend="torch",
-                tta=True,
-            )
-            full_tta.append(out)
-            rows.append(_row(f"{name} full-resolution + flip TTA", out, FULLRES / "labels.csv"))
+            full_tta.append(predict_fullres(model_dir, args.out / f"{name}_fullres_tta.csv", tta=True))
+            rows.append(_row(f"{name} full-resolution + flip TTA", full_tta[-1], FULLRES / "labels.csv"))
         print(json.dumps(rows[-1]), flush=True)
     if len(args.runs) > 1:
         names = " + ".join(run.name for run in args.runs)

@@ -40,17 +40,18 @@ def main() -> None:
         split = read_split(args.split, labels)
         labels = labels[labels["id"].isin(split.loc[split["split"] == args.part, "id"])]
     truth = labels.set_index("id")["boneage"].astype(float)
+    ages = truth.to_numpy()
     rng = np.random.default_rng(args.seed)
-    shares = np.bincount(stage_of(truth.to_numpy()), minlength=4) / len(truth)
+    shares = np.bincount(stage_of(ages), minlength=4) / len(ages)
     print(f"{len(truth)} images; stage shares {np.round(shares, 3)}")
 
     print("\nGaussian errors:  sd -> MAE, QWK")
     for sd in (4, 5, 6, 7, 8, 9, 10, 11, 12):
         maes, qwks = [], []
         for _ in range(args.repeats):
-            predicted = truth.to_numpy() + rng.normal(0.0, sd, len(truth))
-            maes.append(np.abs(predicted - truth.to_numpy()).mean())
-            qwks.append(_qwk(truth.to_numpy(), predicted))
+            error = rng.normal(0.0, sd, len(ages))
+            maes.append(np.abs(error).mean())
+            qwks.append(_qwk(ages, ages + error))
         print(f"  sd {sd:4.1f}  MAE {np.mean(maes):5.2f}  QWK {np.mean(qwks):.4f}")
 
     if args.predictions:

@@ -42,7 +42,9 @@ def _relative(path: str) -> str:
     return str(Path(*parts[parts.index("data") + 1 :])) if "data" in parts else Path(path).name
 
 
-def _predict_subset(model_dir: Path, tmp: Path, name: str, subset: str, tta: bool | None = None) -> Path:
+def predict_subset(model_dir: Path, tmp: Path, name: str, subset: str, tta: bool | None = None) -> Path:
+    """Predict one part of the seed split (sex from the labels) into ``tmp/<name>.csv``; the folder's TTA default
+    unless ``tta`` is given."""
     split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
     labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
     part = labels.merge(split, on="id").query("split == @subset")
@@ -55,8 +57,16 @@ def _predict_subset(model_dir: Path, tmp: Path, name: str, subset: str, tta: boo
     return tmp / f"{name}.csv"
 
 
+def predict_fullres(model_dir: Path, output: Path, tta: bool | None = None) -> Path:
+    """Predict the full-resolution samples (sex from their labels) into ``output``."""
+    predict_paths(
+        [FULLRES / "images"], output, model_dir=model_dir, metadata=FULLRES / "labels.csv", progress=False, tta=tta
+    )
+    return output
+
+
 def _score(model_dir: Path, tmp: Path, name: str, tta: bool | None = None) -> dict:
-    predictions = _predict_subset(model_dir, tmp, name, "val", tta)
+    predictions = predict_subset(model_dir, tmp, name, "val", tta)
     return evaluate(predictions, DATA / "boneage-training-dataset.csv", figures=False)
 
 
@@ -64,7 +74,7 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
     """Per-sex least squares of the true age on the predicted age, over the training images' predictions."""
     import numpy as np
 
-    predictions = pd.read_csv(_predict_subset(model_dir, tmp, "train_predictions", "train"), dtype={"id": str})
+    predictions = pd.read_csv(predict_subset(model_dir, tmp, "train_predictions", "train"), dtype={"id": str})
     labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
     joined = predictions[predictions["status"] == "ok"].merge(labels[["id", "boneage"]], on="id")
     correction: dict = {"fit_on": "the model's predictions for the seed split's train images (not val)"}
@@ -117,14 +127,7 @@ def main() -> None:
         stored = headline(_score(staged, tmp, "stored"))
         full = {}
         if FULLRES.is_dir():
-            predict_paths(
-                [FULLRES / "images"],
-                tmp / "full.csv",
-                model_dir=staged,
-                metadata=FULLRES / "labels.csv",
-                progress=False,
-            )
-            full = headline(evaluate(tmp / "full.csv", FULLRES / "labels.csv", figures=False))
+            full = headline(evaluate(predict_fullres(staged, tmp / "full.csv"), FULLRES / "labels.csv", figures=False))
         metrics = {
             **description["metrics"],
             "val": stored,

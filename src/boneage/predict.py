@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from boneage.config import DataConfig
 from boneage.data import ImageReadError, preprocess, stage_of
-from boneage.model import BoneAgeNet, contract_from_description, load_model_folder
+from boneage.model import CONFIG_FILE, BoneAgeNet, contract_from_description, load_model_folder
 from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts of prediction live in runtime
     DEFAULT_MODEL,
     IMAGE_SUFFIXES,
@@ -83,9 +83,8 @@ class Predictor:
         from boneage.quality import Assessability
 
         self.assessability = Assessability.load(model_dir, description)
-        self.tta_hflip = tta_default(
-            description, Path(model_dir) / "config.json"
-        )  # average with the mirrored image; callers may override
+        # average with the mirrored image by default when the folder says so; callers may override
+        self.tta_hflip = tta_default(description, Path(model_dir) / CONFIG_FILE)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "torch") -> Predictor:
