@@ -322,6 +322,7 @@ def run_training(config: Config, resume: bool = False) -> Path:
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         deterministic=False,
+        benchmark=True,  # cuDNN picks the fastest convolution algorithms (CUDA only; the input size is fixed)
         log_every_n_steps=10,
     )
     started = time.perf_counter()
