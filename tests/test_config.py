@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from boneage.cli import build_config, build_parser
@@ -80,3 +82,10 @@ def test_cli_flags_override_the_file(tmp_path):
     assert config.model.pretrained == "w.pth"
     with pytest.raises(ConfigError, match="--batch-size: expected int"):
         build_config(build_parser().parse_args(["train", "--batch-size", "many"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_checked_in_recipes_load(path):
+    config = Config.load(path)
+    config.validate()
+    assert config.model.task in ("regression", "classification") and config.train.epochs

@@ -327,7 +327,9 @@ def test_dataset_samples_and_cache_match(rsna_folder):
     table = read_labels(labels_csv, images)
     contract = DataConfig(image_size=64)
     plain, cached = BoneAgeDataset(table, contract), BoneAgeDataset(table, contract, cache=True)
+    threads = torch.get_num_threads()
     cached.fill_cache()
+    assert torch.get_num_threads() == threads  # decoding runs single-threaded, then the setting is restored
     sample = plain[3]
     assert set(sample) == {"image", "age_months", "male", "stage", "id"}
     assert sample["image"].shape == (3, 64, 64)

@@ -369,8 +369,15 @@ class BoneAgeDataset(Dataset):
 
         size = self.contract.image_size
         images = torch.empty((len(self), size, size), dtype=torch.uint8)
-        for i in tqdm(range(len(self)), desc="decoding images", disable=not progress, leave=False):
-            images[i] = (load_resized(self.paths[i], self.contract)[0] * 255.0).round_().to(torch.uint8)
+        # One image is too small a task for intra-op threads: on a many-core machine, and with several processes,
+        # their hand-offs made decoding tens of times slower than one thread.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in tqdm(range(len(self)), desc="decoding images", disable=not progress, leave=False):
+                images[i] = (load_resized(self.paths[i], self.contract)[0] * 255.0).round_().to(torch.uint8)
+        finally:
+            torch.set_num_threads(threads)
         self._cache = images
 
     def _image(self, index: int) -> torch.Tensor:

@@ -266,8 +266,10 @@ def run_training(config: Config, resume: bool = False) -> Path:
     )
     val_ds = BoneAgeDataset(val_table, config.data, cache=config.data.cache_images)
     if config.data.cache_images:
+        started = time.perf_counter()
         for ds in (train_ds, val_ds):
             ds.fill_cache(progress=cfg.progress_bar and rank_zero)
+        logger.info("decoded %d images in %.1f s", len(train_ds) + len(val_ds), time.perf_counter() - started)
     workers = _num_workers(config.data.num_workers)
     loader_kwargs: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
     train_loader = DataLoader(
