@@ -14,9 +14,11 @@ from boneage.data import (
     BoneAgeDataset,
     DataValidationError,
     ImageReadError,
+    augment_batch,
     build_augment,
     make_split,
     normalize,
+    normalize_batch,
     preprocess,
     read_image,
     read_labels,
@@ -319,6 +321,35 @@ def test_horizontal_flip_half_the_time_and_never_vertical():
     assert all(everything(image.clone())[0, :16].mean() > everything(image.clone())[0, 16:].mean() for _ in range(100))
 
 
+def test_batch_augmentation_identity_flip_and_factors():
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 32, 32)
+    assert torch.equal(augment_batch(images, AugmentConfig(**_OFF)), images)
+    assert torch.equal(augment_batch(images, AugmentConfig(**{**_OFF, "hflip_p": 1.0})), images.flip(-1))
+    brighter = augment_batch(images, AugmentConfig(**{**_OFF, "brightness": (2.0, 2.0)}))
+    assert torch.equal(brighter, (images * 2).clamp(0, 1))
+    flat = augment_batch(images, AugmentConfig(**{**_OFF, "contrast": (0.5, 0.5)}))
+    assert torch.allclose(flat.std(dim=(1, 2, 3)), images.std(dim=(1, 2, 3)) * 0.5, atol=1e-5)
+    # a zoom-out by 0.5 about the centre puts the whole image in the middle half, black around it
+    small = augment_batch(torch.ones(2, 1, 32, 32), AugmentConfig(**{**_OFF, "zoom": (0.5, 0.5)}))
+    assert small[:, :, :7].max() == 0 and small[:, :, 10:22, 10:22].min() > 0.99
+
+
+def test_batch_augmentation_draws_per_image_within_the_ranges():
+    torch.manual_seed(0)
+    bar = torch.zeros(400, 1, 101, 101)
+    bar[:, :, 48:53, 10:91] = 1.0  # a horizontal bar
+    out = augment_batch(bar, AugmentConfig(**{**_OFF, "rotation_degrees": 15.0}))
+    angles = [_orientation_degrees(o) for o in out]
+    assert max(abs(a) for a in angles) <= 15.5 and min(angles) < -10 and max(angles) > 10
+    quadrant = torch.zeros(400, 1, 32, 32)
+    quadrant[:, :, :16, :16] = 1.0
+    out = augment_batch(quadrant, AugmentConfig())  # every augmentation at the seed's ranges
+    assert (out[:, 0, :16].mean(dim=(1, 2)) > out[:, 0, 16:].mean(dim=(1, 2))).all()  # never a vertical flip
+    assert 160 < (out[:, 0, :16, 16:].mean(dim=(1, 2)) > out[:, 0, :16, :16].mean(dim=(1, 2))).sum() < 240
+    assert out.min() >= 0 and out.max() <= 1
+
+
 # ------------------------------------------------------------------------------------------- dataset
 
 
@@ -337,6 +368,14 @@ def test_dataset_samples_and_cache_match(rsna_folder):
     assert int(sample["stage"]) == stage_of(table["boneage"][3])
     # uint8 cache: at most half a grey level away from the float path, after normalisation by std ~0.22
     assert (cached[3]["image"] - sample["image"]).abs().max() < 0.6 / 255 / 0.22
+    raw = BoneAgeDataset(table, contract, cache=True, raw=True)
+    raw._cache = cached._cache
+    assert raw[3]["image"].dtype == torch.uint8 and raw[3]["image"].shape == (1, 64, 64)
+    torch.testing.assert_close(normalize_batch(raw[3]["image"][None], contract)[0], cached[3]["image"])
+    uncached = BoneAgeDataset(table, contract, raw=True)
+    assert torch.equal(uncached[3]["image"], raw[3]["image"])
+    with pytest.raises(ValueError, match="augment=None"):
+        BoneAgeDataset(table, contract, augment=build_augment(AugmentConfig()), raw=True)
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,16 @@ def test_resume_continues_an_interrupted_run(tmp_path, rsna_folder):
         run_training(tiny_config(labels, images, tmp_path / "other"), resume=True)
 
 
+def test_training_with_augmentation_on_the_device(tmp_path, rsna_folder):
+    labels, images = rsna_folder
+    config = tiny_config(labels, images, tmp_path / "run", epochs=1)
+    config.augment.on_device = True
+    run = run_training(config)
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 1 and 0 < history[0]["val_mae"] < 240 and history[0]["train_loss"] > 0
+    assert (run / "model" / "model.safetensors").is_file()
+
+
 def test_training_refuses_invalid_labels(tmp_path, rsna_folder):
     labels, images = rsna_folder
     frame = pd.read_csv(labels, dtype=str)

@@ -70,6 +70,9 @@ class AugmentConfig:
     brightness: tuple[float, float] = (0.85, 1.15)
     contrast: tuple[float, float] = (0.85, 1.15)
     hflip_p: float = 0.5
+    # Augment whole batches on the training device (after the copy) instead of each image in the loader workers;
+    # the loader then sends uint8 single-channel images. Same kinds and ranges; for GPU runs, whose loaders are slow.
+    on_device: bool = False
 
 
 @dataclass

@@ -316,6 +316,49 @@ def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     return augment
 
 
+def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """:func:`build_augment`'s augmentations for a whole batch (B, 1, S, S) in [0, 1], on the batch's device.
+
+    Each image draws its own rotation, zoom, brightness and contrast factors and flip. Rotation and zoom are one
+    affine resampling about the centre (bilinear, black outside), then brightness (``x * b``), then contrast (blend
+    with the image's mean), each clamped to [0, 1] as torchvision does; torchvision applies brightness and contrast in
+    a random order, here always in this one.
+    """
+    batch, device = images.shape[0], images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.empty(batch, device=device).uniform_(low, high)
+
+    out = images
+    if cfg.rotation_degrees > 0 or tuple(cfg.zoom) != (1.0, 1.0):
+        angle = torch.deg2rad(uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
+        inverse_scale = 1.0 / uniform(*cfg.zoom)
+        cos, sin = torch.cos(angle) * inverse_scale, torch.sin(angle) * inverse_scale
+        zeros = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+        grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if tuple(cfg.brightness) != (1.0, 1.0):
+        out = (out * uniform(*cfg.brightness).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
+    if tuple(cfg.contrast) != (1.0, 1.0):
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * uniform(*cfg.contrast).view(-1, 1, 1, 1) + mean).clamp(0.0, 1.0)
+    if cfg.hflip_p > 0:
+        flip = (torch.rand(batch, device=device) < cfg.hflip_p).view(-1, 1, 1, 1)
+        out = torch.where(flip, out.flip(-1), out)
+    return out.clamp(0.0, 1.0)
+
+
+def normalize_batch(images: torch.Tensor, contract: DataConfig) -> torch.Tensor:
+    """(B, 1, S, S) uint8 or [0, 1] float -> (B, C, S, S) float normalised as :func:`normalize` does."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    images = images.expand(-1, contract.in_chans, -1, -1)
+    mean = torch.tensor(contract.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(contract.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
 def normalize(image: torch.Tensor, contract: DataConfig) -> torch.Tensor:
     """(1, S, S) in [0, 1] -> (C, S, S) normalised with the contract's per-channel mean/std."""
     image = image.expand(contract.in_chans, -1, -1)
@@ -340,6 +383,8 @@ class BoneAgeDataset(Dataset):
         contract: input size, resize mode, channels and normalisation.
         augment: applied to the resized [0, 1] image before normalisation (training only).
         cache: decode and resize every image up front and keep uint8 copies, instead of decoding every epoch.
+        raw: return ``image`` as the (1, S, S) uint8 copy, neither augmented nor normalised (the training device
+            does both: :func:`augment_batch`, :func:`normalize_batch`).
     """
 
     def __init__(
@@ -348,7 +393,10 @@ class BoneAgeDataset(Dataset):
         contract: DataConfig,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache: bool = False,
+        raw: bool = False,
     ):
+        if raw and augment is not None:
+            raise ValueError("raw samples are augmented on the device: pass augment=None with raw=True")
         self.ids = table["id"].astype(str).tolist()
         self.paths = table["path"].astype(str).tolist()
         self.ages = torch.tensor(table["boneage"].to_numpy(dtype=np.float32))
@@ -356,6 +404,7 @@ class BoneAgeDataset(Dataset):
         self.contract = contract
         self.augment = augment
         self.cache_enabled = cache
+        self.raw = raw
         self._cache: torch.Tensor | None = None  # (N, S, S) uint8, filled by fill_cache
 
     def __len__(self) -> int:
@@ -388,12 +437,21 @@ class BoneAgeDataset(Dataset):
         return load_resized(self.paths[index], self.contract)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self._image(index)  # (1, S, S) in [0, 1]
-        if self.augment is not None:
-            image = self.augment(image)
+        if self.raw:
+            if self.cache_enabled:
+                self.fill_cache()
+                assert self._cache is not None
+                image = self._cache[index][None]
+            else:
+                image = (load_resized(self.paths[index], self.contract) * 255.0).round_().to(torch.uint8)
+        else:
+            image = self._image(index)  # (1, S, S) in [0, 1]
+            if self.augment is not None:
+                image = self.augment(image)
+            image = normalize(image, self.contract)
         age = self.ages[index]
         return {
-            "image": normalize(image, self.contract),
+            "image": image,
             "age_months": age,
             "male": self.male[index],
             "stage": stage_of(age),

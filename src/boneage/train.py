@@ -21,7 +21,16 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from boneage.config import Config
-from boneage.data import BoneAgeDataset, build_augment, make_split, read_labels, read_split, stage_of
+from boneage.data import (
+    BoneAgeDataset,
+    augment_batch,
+    build_augment,
+    make_split,
+    normalize_batch,
+    read_labels,
+    read_split,
+    stage_of,
+)
 from boneage.model import BoneAgeNet, load_pretrained, save_model_folder
 
 logger = logging.getLogger(__name__)
@@ -59,6 +68,15 @@ class BoneAgeModule(pl.LightningModule):
                 output.float() / scale, batch["age_months"] / scale, delta=self.config.model.huber_delta
             )
         return F.cross_entropy(output.float(), batch["stage"])
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # raw uint8 batches (augment.on_device): augment while training, then normalise, on the training device
+        if batch["image"].dtype == torch.uint8:
+            images = batch["image"].float() / 255.0
+            if self.training:
+                images = augment_batch(images, self.config.augment)
+            batch["image"] = normalize_batch(images, self.config.data)
+        return batch
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.config.train.channels_last:
@@ -261,17 +279,23 @@ def run_training(config: Config, resume: bool = False) -> Path:
         config.save(run_dir / "config.yaml")
         split.to_csv(run_dir / "split.csv", index=False)
 
+    on_device = config.augment.on_device
     train_ds = BoneAgeDataset(
-        train_table, config.data, augment=build_augment(config.augment), cache=config.data.cache_images
+        train_table,
+        config.data,
+        augment=None if on_device else build_augment(config.augment),
+        cache=config.data.cache_images,
+        raw=on_device,
     )
-    val_ds = BoneAgeDataset(val_table, config.data, cache=config.data.cache_images)
+    val_ds = BoneAgeDataset(val_table, config.data, cache=config.data.cache_images, raw=on_device)
     if config.data.cache_images:
         started = time.perf_counter()
         for ds in (train_ds, val_ds):
             ds.fill_cache(progress=cfg.progress_bar and rank_zero)
         logger.info("decoded %d images in %.1f s", len(train_ds) + len(val_ds), time.perf_counter() - started)
     workers = _num_workers(config.data.num_workers)
-    loader_kwargs: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
+    cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    loader_kwargs: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cuda}
     train_loader = DataLoader(
         train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size, **loader_kwargs
     )
