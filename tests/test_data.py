@@ -371,7 +371,7 @@ def test_dataset_samples_and_cache_match(rsna_folder):
     raw = BoneAgeDataset(table, contract, cache=True, raw=True)
     raw._cache = cached._cache
     assert raw[3]["image"].dtype == torch.uint8 and raw[3]["image"].shape == (1, 64, 64)
-    torch.testing.assert_close(normalize_batch(raw[3]["image"][None], contract)[0], cached[3]["image"])
+    torch.testing.assert_close(normalize_batch(raw[3]["image"][None] / 255.0, contract)[0], cached[3]["image"])
     uncached = BoneAgeDataset(table, contract, raw=True)
     assert torch.equal(uncached[3]["image"], raw[3]["image"])
     with pytest.raises(ValueError, match="augment=None"):

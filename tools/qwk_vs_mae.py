@@ -15,13 +15,14 @@ import argparse
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import cohen_kappa_score
 
 from boneage.data import read_labels, read_split, stage_of
+from boneage.evaluate import stage_metrics
 
 
 def _qwk(true_months: np.ndarray, predicted_months: np.ndarray) -> float:
-    return float(cohen_kappa_score(stage_of(true_months), stage_of(predicted_months), weights="quadratic"))
+    """The stage QWK exactly as `boneage evaluate` reports it."""
+    return stage_metrics(stage_of(true_months), stage_of(predicted_months))["quadratic_weighted_kappa"]
 
 
 def main() -> None:

@@ -350,9 +350,7 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 def normalize_batch(images: torch.Tensor, contract: DataConfig) -> torch.Tensor:
-    """(B, 1, S, S) uint8 or [0, 1] float -> (B, C, S, S) float normalised as :func:`normalize` does."""
-    if images.dtype == torch.uint8:
-        images = images.float() / 255.0
+    """(B, 1, S, S) in [0, 1] -> (B, C, S, S) normalised with the contract's per-channel mean/std."""
     images = images.expand(-1, contract.in_chans, -1, -1)
     mean = torch.tensor(contract.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(contract.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
@@ -360,11 +358,8 @@ def normalize_batch(images: torch.Tensor, contract: DataConfig) -> torch.Tensor:
 
 
 def normalize(image: torch.Tensor, contract: DataConfig) -> torch.Tensor:
-    """(1, S, S) in [0, 1] -> (C, S, S) normalised with the contract's per-channel mean/std."""
-    image = image.expand(contract.in_chans, -1, -1)
-    mean = torch.tensor(contract.mean, dtype=image.dtype).view(-1, 1, 1)
-    std = torch.tensor(contract.std, dtype=image.dtype).view(-1, 1, 1)
-    return (image - mean) / std
+    """(1, S, S) in [0, 1] -> (C, S, S): :func:`normalize_batch` for one image."""
+    return normalize_batch(image[None], contract)[0]
 
 
 def preprocess(path: str | Path, contract: DataConfig) -> torch.Tensor:
@@ -424,28 +419,32 @@ class BoneAgeDataset(Dataset):
         torch.set_num_threads(1)
         try:
             for i in tqdm(range(len(self)), desc="decoding images", disable=not progress, leave=False):
-                images[i] = (load_resized(self.paths[i], self.contract)[0] * 255.0).round_().to(torch.uint8)
+                images[i] = self._decode_uint8(i)[0]
         finally:
             torch.set_num_threads(threads)
         self._cache = images
 
-    def _image(self, index: int) -> torch.Tensor:
+    def _decode_uint8(self, index: int) -> torch.Tensor:
+        """(1, S, S) uint8, decoded and resized now: what the cache holds."""
+        return (load_resized(self.paths[index], self.contract) * 255.0).round_().to(torch.uint8)
+
+    def _uint8(self, index: int) -> torch.Tensor:
         if self.cache_enabled:
             self.fill_cache()
             assert self._cache is not None
-            return self._cache[index][None].float() / 255.0
-        return load_resized(self.paths[index], self.contract)
+            return self._cache[index][None]
+        return self._decode_uint8(index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.raw:
-            if self.cache_enabled:
-                self.fill_cache()
-                assert self._cache is not None
-                image = self._cache[index][None]
-            else:
-                image = (load_resized(self.paths[index], self.contract) * 255.0).round_().to(torch.uint8)
+            image = self._uint8(index)
         else:
-            image = self._image(index)  # (1, S, S) in [0, 1]
+            # uncached images stay float: no rounding to grey levels
+            image = (
+                self._uint8(index).float() / 255.0
+                if self.cache_enabled
+                else load_resized(self.paths[index], self.contract)
+            )
             if self.augment is not None:
                 image = self.augment(image)
             image = normalize(image, self.contract)

@@ -208,14 +208,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """
     if precision != "auto":
         return precision
-    cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if _uses_cuda(accelerator) and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
 
 
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+def _uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
 
 
 def _parse_devices(devices: str) -> Any:
@@ -294,8 +293,11 @@ def run_training(config: Config, resume: bool = False) -> Path:
             ds.fill_cache(progress=cfg.progress_bar and rank_zero)
         logger.info("decoded %d images in %.1f s", len(train_ds) + len(val_ds), time.perf_counter() - started)
     workers = _num_workers(config.data.num_workers)
-    cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    loader_kwargs: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cuda}
+    loader_kwargs: dict[str, Any] = {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "pin_memory": _uses_cuda(cfg.accelerator),
+    }
     train_loader = DataLoader(
         train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size, **loader_kwargs
     )
