@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -85,8 +86,9 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     return path
 
 
-def make_tiny_model(folder: Path, image_size: int = 64) -> Path:
-    """A randomly initialised, untrained model folder (no download): fast to load and run in tests."""
+def make_tiny_model(folder: Path, image_size: int = 64, **contract: Any) -> Path:
+    """A randomly initialised, untrained model folder (no download): fast to load and run in tests; ``contract``:
+    other data-contract fields (``standardize=True`` ...)."""
     import torch
 
     from boneage.config import DataConfig, ModelConfig
@@ -94,4 +96,4 @@ def make_tiny_model(folder: Path, image_size: int = 64) -> Path:
 
     torch.manual_seed(0)
     model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
-    return save_model_folder(folder, model, DataConfig(image_size=image_size))
+    return save_model_folder(folder, model, DataConfig(image_size=image_size, **contract))

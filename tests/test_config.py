@@ -45,6 +45,7 @@ def test_yaml_roundtrip(tmp_path):
         ("train:\n  optimiser: sgd\n", "train.optimiser: unknown field"),
         ("trainer:\n  lr: 1\n", "unknown section(s) ['trainer']"),
         ("augment:\n  zoom: [1.2, 0.9]\n", "augment.zoom: expected 0 < low <= high"),
+        ("data:\n  source_size: 4\n", "data.source_size: expected >= 8 pixels or none, got 4"),
         ("- a\n- b\n", "expected a mapping"),
     ],
 )

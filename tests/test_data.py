@@ -243,6 +243,32 @@ def test_normalize_three_and_one_channel():
     assert one.shape == (1, 8, 8) and one.abs().max() == 0
 
 
+def test_standardize_gives_each_image_zero_mean_unit_sd_whatever_its_contrast():
+    contract = DataConfig(standardize=True)
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 16, 16) * 0.5 + 0.2
+    out = normalize_batch(torch.cat([image, 0.3 * image + 0.1]), contract)  # the same film, dimmer and flatter
+    assert out.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(dim=(1, 2, 3), correction=0), torch.ones(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(normalize_batch(image, DataConfig())[0], out[0], atol=0.1)  # not the fixed mean/std
+    flat = normalize_batch(torch.full((1, 1, 8, 8), 0.4), contract)
+    assert torch.isfinite(flat).all() and flat.abs().max() < 1e-3
+
+
+def test_source_size_resizes_through_the_training_copies_size(tmp_path):
+    big = synthetic_radiograph(120, size=400)[:, :300]  # 400 x 300, full of detail
+    Image.fromarray(big).save(tmp_path / "big.png")
+    contract = DataConfig(image_size=64, source_size=20)
+    direct = preprocess(tmp_path / "big.png", DataConfig(image_size=64))
+    through = preprocess(tmp_path / "big.png", contract)
+    image = torch.from_numpy(big.astype(np.float32) / 255.0)[None]
+    expected = normalize(resize(resize(image, 20).clamp(0, 1), 64).clamp(0, 1), contract)
+    torch.testing.assert_close(through, expected)
+    assert (through - direct).abs().mean() > 0.05  # the 20-px step lost detail the direct resize keeps
+
+
 def test_preprocess_full_path(tmp_path):
     Image.fromarray(synthetic_radiograph(100, size=90)).save(tmp_path / "x.png")
     tensor = preprocess(tmp_path / "x.png", DataConfig(image_size=64))

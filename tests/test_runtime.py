@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -24,9 +25,12 @@ def test_numpy_preprocessing_matches_torch(tmp_path, mode):
     image = tmp_path / "wide.png"
     Image.fromarray(synthetic_radiograph(80, size=150)[:, 10:]).save(image)
     dicom = write_dicom(tmp_path / "d.dcm", synthetic_radiograph(50, size=90).astype("uint16") * 16)
-    contract = DataConfig(image_size=64, resize_mode=mode)
-    for path in (image, dicom):
-        assert np.abs(preprocess_array(path, contract) - preprocess(path, contract).numpy()).max() < 1e-4
+    for contract in (
+        DataConfig(image_size=64, resize_mode=mode),
+        DataConfig(image_size=64, resize_mode=mode, source_size=40, standardize=True),
+    ):
+        for path in (image, dicom):
+            assert np.abs(preprocess_array(path, contract) - preprocess(path, contract).numpy()).max() < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,26 @@ def test_auto_backend_takes_model_onnx_and_matches_torch(onnx_model, tmp_path):
     assert onnx_rows["status"].tolist() == torch_rows["status"].tolist() == ["ok", "ok", "ok", "error"]
     assert np.allclose(onnx_rows["bone_age_months"], torch_rows["bone_age_months"], atol=0.05, equal_nan=True)
     assert onnx_rows["call"].tolist() == torch_rows["call"].tolist()
+
+
+def test_both_backends_resize_through_the_source_size_and_standardise(tmp_path):
+    from boneage.export import attach_onnx
+    from boneage.runtime import predict_paths
+
+    folder = make_tiny_model(tmp_path / "model", source_size=40, standardize=True)
+    attach_onnx(folder)
+    image = tmp_path / "big.png"
+    Image.fromarray(synthetic_radiograph(150, size=300)).save(image)
+    common = {"sex": "F", "progress": False, "model_dir": folder}
+    onnx_rows = predict_paths([image], tmp_path / "o.csv", backend="onnx", **common)
+    torch_rows = predict_paths([image], tmp_path / "t.csv", backend="torch", **common)
+    assert onnx_rows["status"].tolist() == torch_rows["status"].tolist() == ["ok"]
+    assert np.allclose(onnx_rows["bone_age_months"], torch_rows["bone_age_months"], atol=0.05)
+    config = json.loads((folder / "config.json").read_text())
+    config["data_contract"].update(source_size=None, standardize=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    plain = predict_paths([image], tmp_path / "p.csv", backend="onnx", **common)
+    assert abs(plain["bone_age_months"][0] - onnx_rows["bone_age_months"][0]) > 0.01  # the two fields took effect
 
 
 def test_checksum_of_model_onnx_is_verified(onnx_model, tmp_path):

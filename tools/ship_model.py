@@ -86,11 +86,12 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
     return correction
 
 
-def _set_output(folder: Path, **fields) -> None:
+def _update(folder: Path, section: str, **fields) -> None:
+    """Set ``fields`` in one section of a model folder's config.json."""
     from boneage.model import CONFIG_FILE, read_model_description
 
     description = read_model_description(folder)
-    description["output"].update(fields)
+    description[section].update(fields)
     (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
 
 
@@ -117,24 +118,20 @@ def main() -> None:
             dtype=getattr(torch, args.dtype),
         )
         if args.tta:
-            _set_output(staged, tta_hflip=True)
+            _update(staged, "output", tta_hflip=True)
         correction = None
         uncorrected = None
         if args.correct:
             uncorrected = headline(_score(staged, tmp, "uncorrected"))
             correction = _fit_correction(staged, tmp)
-            _set_output(staged, correction=correction)
+            _update(staged, "output", correction=correction)
         stored = headline(_score(staged, tmp, "stored"))
-        full = {}
-        if FULLRES.is_dir():
-            full = headline(evaluate(predict_fullres(staged, tmp / "full.csv"), FULLRES / "labels.csv", figures=False))
         metrics = {
             **description["metrics"],
             "val": stored,
             "val_fp32": fp32,
             **({"val_uncorrected": uncorrected} if uncorrected else {}),
             "val_note": "seed split val (n=1892): the best epoch was selected on it, so these are selection metrics",
-            "fullres_samples": full,
         }
         training = {**description["training"], "run": str(args.run_dir.name)}
         # provenance without this machine's paths: data files relative to the shared data folder
@@ -159,8 +156,9 @@ def main() -> None:
             metrics=metrics,
             dtype=getattr(torch, args.dtype),
         )
-        _set_output(
+        _update(
             target.with_name(target.name + ".tmp"),
+            "output",
             **({"tta_hflip": True} if args.tta else {}),
             **({"correction": correction} if correction else {}),
         )
@@ -178,6 +176,13 @@ def main() -> None:
             table[table["split"] == "val"],
             write_non_hand_images(tmp / "non_hand"),
         )
+        # the full-resolution samples through the finished folder, refusal check included
+        full = {}
+        if FULLRES.is_dir():
+            predictions = predict_fullres(target.with_name(target.name + ".tmp"), tmp / "full.csv")
+            full = headline(evaluate(predictions, FULLRES / "labels.csv", figures=False))
+            full["n_not_assessable"] = int((pd.read_csv(predictions)["status"] == "not assessable").sum())
+            _update(target.with_name(target.name + ".tmp"), "metrics", fullres_samples=full)
     from boneage.export import attach_onnx
 
     onnx_report = attach_onnx(target.with_name(target.name + ".tmp"))

@@ -43,6 +43,12 @@ class DataConfig:
     in_chans: int = 3  # 3: grayscale repeated; 1: first convolution summed over its RGB inputs
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # Resize every image to this square first, as the training copies were made (RSNA 100-px set: 100), then to
+    # image_size: a full-size radiograph then loses the same detail the training images lost. None: one resize.
+    source_size: int | None = None
+    # Per-image intensity standardisation (zero mean, unit SD over the whole image) instead of the fixed mean/std:
+    # the model then sees the same input whatever the film's brightness and contrast.
+    standardize: bool = False
     split_seed: int = 42
     drop_invalid: bool = False  # skip invalid label rows (listed) instead of refusing to train
     cache_images: bool = True  # decode + resize every image once, keep uint8 copies in memory
@@ -56,6 +62,8 @@ class DataConfig:
             "in_chans": self.in_chans,
             "mean": list(self.mean),
             "std": list(self.std),
+            "source_size": self.source_size,
+            "standardize": self.standardize,
             "color": "grayscale",
             "value_range": [0.0, 1.0],
         }
@@ -146,6 +154,8 @@ class Config:
             )
         if self.data.image_size < 32:
             raise ConfigError(f"data.image_size: expected >= 32 pixels, got {self.data.image_size}")
+        if self.data.source_size is not None and self.data.source_size < 8:
+            raise ConfigError(f"data.source_size: expected >= 8 pixels or none, got {self.data.source_size}")
         if len(self.model.hidden_dims) != len(self.model.dropouts):
             raise ConfigError("model.hidden_dims and model.dropouts must have the same length")
         if self.model.target_scale <= 0:
@@ -272,4 +282,6 @@ def contract_from_description(description: dict[str, Any]) -> DataConfig:
         in_chans=int(contract["in_chans"]),
         mean=tuple(contract["mean"]),
         std=tuple(contract["std"]),
+        source_size=contract.get("source_size"),  # absent in folders written before these two fields existed
+        standardize=bool(contract.get("standardize", False)),
     )

@@ -23,6 +23,7 @@ from boneage.imageio import (  # noqa: F401 - re-exported: data is where readers
     MAX_IMAGE_PIXELS,
     STAGE_EDGES_MONTHS,
     STAGE_NAMES,
+    STANDARDIZE_EPS,
     ImageReadError,
     dicom_patient_info,
     parse_sex,
@@ -279,8 +280,13 @@ def resize(image: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor
 
 
 def load_resized(path: str | Path, contract: DataConfig) -> torch.Tensor:
-    """Decode and resize one image to the model's square input: (1, S, S) float in [0, 1]."""
+    """Decode and resize one image to the model's square input: (1, S, S) float in [0, 1].
+
+    With a ``source_size`` the image first goes to that square, as the training copies were made.
+    """
     image = torch.from_numpy(read_image(path))[None]  # (1, H, W)
+    if contract.source_size is not None:
+        image = resize(image, contract.source_size, contract.resize_mode).clamp_(0.0, 1.0)
     return resize(image, contract.image_size, contract.resize_mode).clamp_(0.0, 1.0)
 
 
@@ -350,7 +356,12 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 def normalize_batch(images: torch.Tensor, contract: DataConfig) -> torch.Tensor:
-    """(B, 1, S, S) in [0, 1] -> (B, C, S, S) normalised with the contract's per-channel mean/std."""
+    """(B, 1, S, S) in [0, 1] -> (B, C, S, S) normalised with the contract's per-channel mean/std, or with each
+    image's own mean and SD when the contract says ``standardize``."""
+    if contract.standardize:
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        std = images.std(dim=(1, 2, 3), keepdim=True, correction=0).clamp_min(STANDARDIZE_EPS)
+        return ((images - mean) / std).expand(-1, contract.in_chans, -1, -1)
     images = images.expand(-1, contract.in_chans, -1, -1)
     mean = torch.tensor(contract.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(contract.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

@@ -17,6 +17,7 @@ import numpy as np
 STAGE_NAMES = ("Infant/Toddler", "Child", "Pre-adolescent", "Adolescent")
 STAGE_EDGES_MONTHS = (60.0, 120.0, 180.0)
 MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000; a larger image is refused, not decoded
+STANDARDIZE_EPS = 1e-3  # floor on an image's SD when standardising: a flat image is not blown up to noise
 _TRUE = {"true", "1", "m", "male", "yes", "t"}
 _FALSE = {"false", "0", "f", "female", "no"}
 
@@ -182,8 +183,15 @@ def resize_array(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarr
 
 
 def preprocess_array(path: str | Path, contract: Any) -> np.ndarray:
-    """File -> model input (C, S, S) float32: decode, resize, clip to [0, 1], normalise with the contract."""
-    image = resize_array(read_image(path), int(contract.image_size), contract.resize_mode).clip(0.0, 1.0)
+    """File -> model input (C, S, S) float32: decode, resize (through ``source_size`` when the contract has one),
+    clip to [0, 1], normalise with the contract (:func:`boneage.data.preprocess` without PyTorch)."""
+    image = read_image(path)
+    if getattr(contract, "source_size", None) is not None:
+        image = resize_array(image, int(contract.source_size), contract.resize_mode).clip(0.0, 1.0)
+    image = resize_array(image, int(contract.image_size), contract.resize_mode).clip(0.0, 1.0)
+    if getattr(contract, "standardize", False):
+        standardized = (image - image.mean()) / max(float(image.std()), STANDARDIZE_EPS)
+        return np.broadcast_to(standardized, (int(contract.in_chans), *image.shape)).astype(np.float32)
     mean = np.asarray(contract.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(contract.std, dtype=np.float32)[:, None, None]
     return (np.broadcast_to(image, (int(contract.in_chans), *image.shape)) - mean) / std
