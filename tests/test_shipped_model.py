@@ -13,10 +13,11 @@ from boneage.predict import DEFAULT_MODEL, Predictor, default_model_dir
 from tests.conftest import synthetic_radiograph
 
 # Bone age (months) of synthetic_radiograph(120, size=100, seed=0) for a female and a male, recorded when the model
-# was shipped, as the model folder says to predict it: one pass (no mirror averaging), then the per-sex linear
-# correction (the network's output before it: 18.5892 and 25.6282). A change here means the weights, the correction,
-# the test-time augmentation default or the preprocessing changed: re-record only on purpose.
-RECORDED_MONTHS = (14.6942, 20.2097)
+# was shipped, as the model folder says to predict it: the mean of the image and its mirror, then the per-sex linear
+# correction (the network's output before it: 20.7269 and 28.8890). A change here means the weights, the correction,
+# the test-time augmentation default or the preprocessing (per-image standardisation included) changed: re-record
+# only on purpose.
+RECORDED_MONTHS = (17.8606, 23.1140)
 
 
 def test_default_model_loads_offline_with_its_contract(monkeypatch):
@@ -26,7 +27,9 @@ def test_default_model_loads_offline_with_its_contract(monkeypatch):
     predictor = Predictor.load()
     description = predictor.description
     assert description["data_contract"]["image_size"] == 192 and description["data_contract"]["resize_mode"] == "squash"
-    assert predictor.tta_hflip is False  # one pass by default; `--tta` averages with the mirror image
+    contract = description["data_contract"]
+    assert contract["source_size"] == 100 and contract["standardize"] is True
+    assert predictor.tta_hflip is True  # the image and its mirror by default; `--no-tta` runs one pass
     assert description["output"]["correction"]["fit_on"].endswith("(not val)")
     assert description["output"]["unit"] == "months"
     assert description["weights_sha256"] == sha256_file(folder / "model.safetensors")
@@ -64,7 +67,7 @@ def test_default_model_onnx_matches_the_recording_and_its_checksum():
     contract = Predictor.load().contract
     batch = normalize(resize(image, contract.image_size, "squash"), contract)[None].repeat(2, 1, 1, 1).numpy()
     onnx = OnnxPredictor(folder)
-    assert onnx.tta_hflip is False  # the folder's default holds on onnxruntime too
+    assert onnx.tta_hflip is True  # the folder's default holds on onnxruntime too
     result = onnx.predict_batch(batch, np.array([0, 1]))
     assert result["months"].tolist() == pytest.approx(RECORDED_MONTHS, abs=0.05)
     assert result["score"] is not None  # the refusal check runs on onnxruntime too

@@ -1,6 +1,6 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [--name lite0-192] [--dtype float16] [--tta] [--correct]
+    python tools/ship_model.py RUN_DIR [--name lite0-192-robust] [--dtype float16] [--tta] [--correct]
 
 Predicts the seed split's val images with the fp32 weights and with the stored dtype, scores both with
 `boneage.evaluate`, and records both in config.json (``metrics.val``, ``metrics.val_fp32``) so the cost of reduced
@@ -98,7 +98,7 @@ def _update(folder: Path, section: str, **fields) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--name", default="lite0-192")
+    parser.add_argument("--name", default="lite0-192-robust")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
