@@ -67,3 +67,28 @@ def test_cli_reports_bad_data_without_a_traceback(tmp_path, rsna_folder, capsys)
     assert "Traceback" not in err
     assert main(["train", "--output", str(tmp_path / "x")]) == 2
     assert "--labels FILE --images DIR" in capsys.readouterr().err
+
+
+def test_cli_gradcam_shows_the_answer_predict_gives(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import boneage.explain as explain
+    from tests.conftest import make_tiny_model, synthetic_radiograph
+
+    folder = make_tiny_model(tmp_path / "model")
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100)).save(image)
+    seen: dict = {}
+    real = explain.gradcam_grid
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain, "gradcam_grid", spy)
+    common = [str(image), "--sex", "F", "--model", str(folder)]
+    assert main(["gradcam", *common, "--output", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
+    assert main(["predict", *common, "--backend", "torch", "--output", str(tmp_path / "p.csv")]) == 0
+    months = pd.read_csv(tmp_path / "p.csv")["bone_age_months"][0]
+    assert seen["answers"] == [f"bone age {months:.1f} months"]

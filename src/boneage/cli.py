@@ -174,7 +174,16 @@ def _cmd_gradcam(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"sex unknown for {', '.join(unknown)}; pass --sex M|F or --metadata CSV with id,male")
     predictor = Predictor.load(args.model)
-    gradcam_grid(predictor.model, predictor.contract, paths, [bool(m) for m in sexes], args.output)
+    rows = list(predictor.predict_files(paths, list(sexes), num_workers=0))  # the answer `boneage predict` gives
+    answers = [
+        row["status"]
+        if row["status"] != "ok"
+        else f"bone age {row['bone_age_months']:.1f} months"
+        if row.get("bone_age_months") is not None
+        else row["stage"]
+        for row in rows
+    ]
+    gradcam_grid(predictor.model, predictor.contract, paths, [bool(m) for m in sexes], args.output, answers=answers)
     print(f"wrote {args.output} ({len(paths)} images)")
     return 0
 

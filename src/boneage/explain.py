@@ -100,8 +100,14 @@ def gradcam_grid(
     male: Sequence[bool],
     output: str | Path,
     titles: Sequence[str] | None = None,
+    answers: Sequence[str] | None = None,
 ) -> Path:
-    """A figure with one row per image: the radiograph, its Grad-CAM heatmap and the overlay."""
+    """A figure with one row per image: the radiograph, its Grad-CAM heatmap and the overlay.
+
+    ``answers``: what the tool answered for each image (``boneage predict``'s bone age, after the mirror average and
+    the correction, or why it refused), shown over the overlay; without it the title shows the network's own one-pass
+    output, labelled as such.
+    """
     from boneage.report import _pyplot, save_figure
 
     plt = _pyplot()
@@ -114,14 +120,19 @@ def gradcam_grid(
     fig, axes = plt.subplots(len(paths), 3, figsize=(9, 3.1 * len(paths)), dpi=110, squeeze=False)
     for i, path in enumerate(paths):
         gray = raw[i, 0].numpy()
-        prediction = f"{float(outputs[i]):.1f} months" if outputs.ndim == 1 else STAGE_NAMES[int(outputs[i].argmax())]
+        if answers is not None:
+            prediction = answers[i]
+        elif outputs.ndim == 1:
+            prediction = f"network output {float(outputs[i]):.1f} months"
+        else:
+            prediction = STAGE_NAMES[int(outputs[i].argmax())]
         title = titles[i] if titles else Path(path).stem
         axes[i, 0].imshow(gray, cmap="gray", vmin=0, vmax=1)
         axes[i, 0].set_title(f"{title} ({'M' if male[i] else 'F'})", fontsize=9)
         axes[i, 1].imshow(heatmaps[i], cmap="jet", vmin=0, vmax=1)
         axes[i, 1].set_title("Grad-CAM", fontsize=9)
         axes[i, 2].imshow(overlay(gray, heatmaps[i]))
-        axes[i, 2].set_title(f"predicted {prediction}", fontsize=9)
+        axes[i, 2].set_title(prediction, fontsize=9)
         for ax in axes[i]:
             ax.axis("off")
     return save_figure(fig, output)
