@@ -105,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     model, description = load_model_folder(args.run_dir / "model")
     target = ROOT / "src" / "boneage" / "models" / args.name
+    building = target.with_name(target.name + ".tmp")  # renamed to target once complete
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         fp32 = headline(_score(args.run_dir / "model", tmp, "fp32", tta=args.tta))
@@ -149,7 +150,7 @@ def main() -> None:
         if not training.get("history") and (args.run_dir / "history.json").is_file():
             training["history"] = json.loads((args.run_dir / "history.json").read_text())
         save_model_folder(
-            target.with_name(target.name + ".tmp"),
+            building,
             model,
             contract_from_description(description),
             training=training,
@@ -157,7 +158,7 @@ def main() -> None:
             dtype=getattr(torch, args.dtype),
         )
         _update(
-            target.with_name(target.name + ".tmp"),
+            building,
             "output",
             **({"tta_hflip": True} if args.tta else {}),
             **({"correction": correction} if correction else {}),
@@ -166,12 +167,12 @@ def main() -> None:
         interval = calibrate_interval(tmp / "stored.csv", DATA / "boneage-training-dataset.csv", coverage=0.9)
         interval["calibration"]["source"] = "seed split val, calibration half (stratified by stage x sex, seed 0)"
         interval["evaluation"]["source"] = "seed split val, the other half"
-        store_interval(target.with_name(target.name + ".tmp"), interval)
+        store_interval(building, interval)
         # refusal of images unlike the training radiographs: fit on train, threshold on one half of val
         table = read_labels(DATA / "boneage-training-dataset.csv", DATA / "boneage-training-dataset")
         table = table.merge(read_split(DATA / "seed-split.csv", table), on="id")
         assessability = fit_for_model(
-            target.with_name(target.name + ".tmp"),
+            building,
             table[table["split"] == "train"],
             table[table["split"] == "val"],
             write_non_hand_images(tmp / "non_hand"),
@@ -179,16 +180,16 @@ def main() -> None:
         # the full-resolution samples through the finished folder, refusal check included
         full = {}
         if FULLRES.is_dir():
-            predictions = predict_fullres(target.with_name(target.name + ".tmp"), tmp / "full.csv")
+            predictions = predict_fullres(building, tmp / "full.csv")
             full = headline(evaluate(predictions, FULLRES / "labels.csv", figures=False))
             full["n_not_assessable"] = int((pd.read_csv(predictions)["status"] == "not assessable").sum())
-            _update(target.with_name(target.name + ".tmp"), "metrics", fullres_samples=full)
+            _update(building, "metrics", fullres_samples=full)
     from boneage.export import attach_onnx
 
-    onnx_report = attach_onnx(target.with_name(target.name + ".tmp"))
+    onnx_report = attach_onnx(building)
     if target.exists():
         shutil.rmtree(target)
-    target.with_name(target.name + ".tmp").rename(target)
+    building.rename(target)
     print(
         json.dumps(
             {

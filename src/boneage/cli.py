@@ -164,6 +164,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer(row: dict[str, typing.Any]) -> str:
+    """A prediction row in a few words: its bone age, its stage (a classifier) or why it has neither."""
+    if row["status"] != "ok":
+        return row["status"]
+    months = row.get("bone_age_months")
+    return row["stage"] if months is None else f"bone age {months:.1f} months"
+
+
 def _cmd_gradcam(args: argparse.Namespace) -> int:
     from boneage.explain import gradcam_grid
     from boneage.predict import Predictor, collect_images, resolve_sexes
@@ -174,15 +182,8 @@ def _cmd_gradcam(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"sex unknown for {', '.join(unknown)}; pass --sex M|F or --metadata CSV with id,male")
     predictor = Predictor.load(args.model)
-    rows = list(predictor.predict_files(paths, list(sexes), num_workers=0))  # the answer `boneage predict` gives
-    answers = [
-        row["status"]
-        if row["status"] != "ok"
-        else f"bone age {row['bone_age_months']:.1f} months"
-        if row.get("bone_age_months") is not None
-        else row["stage"]
-        for row in rows
-    ]
+    rows = predictor.predict_files(paths, list(sexes), num_workers=0)  # the answers `boneage predict` gives
+    answers = [_answer(row) for row in rows]
     gradcam_grid(predictor.model, predictor.contract, paths, [bool(m) for m in sexes], args.output, answers=answers)
     print(f"wrote {args.output} ({len(paths)} images)")
     return 0

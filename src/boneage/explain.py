@@ -115,24 +115,23 @@ def gradcam_grid(
     images = torch.stack([normalize(r, contract) for r in raw])
     sex = torch.tensor([int(m) for m in male])
     heatmaps = grad_cam(model, images, sex)
-    with torch.no_grad():
-        outputs = model.eval()(images, sex)
+    if answers is None:
+        with torch.no_grad():
+            outputs = model.eval()(images, sex)
+        answers = [
+            f"network output {float(out):.1f} months" if outputs.ndim == 1 else STAGE_NAMES[int(out.argmax())]
+            for out in outputs
+        ]
     fig, axes = plt.subplots(len(paths), 3, figsize=(9, 3.1 * len(paths)), dpi=110, squeeze=False)
     for i, path in enumerate(paths):
         gray = raw[i, 0].numpy()
-        if answers is not None:
-            prediction = answers[i]
-        elif outputs.ndim == 1:
-            prediction = f"network output {float(outputs[i]):.1f} months"
-        else:
-            prediction = STAGE_NAMES[int(outputs[i].argmax())]
         title = titles[i] if titles else Path(path).stem
         axes[i, 0].imshow(gray, cmap="gray", vmin=0, vmax=1)
         axes[i, 0].set_title(f"{title} ({'M' if male[i] else 'F'})", fontsize=9)
         axes[i, 1].imshow(heatmaps[i], cmap="jet", vmin=0, vmax=1)
         axes[i, 1].set_title("Grad-CAM", fontsize=9)
         axes[i, 2].imshow(overlay(gray, heatmaps[i]))
-        axes[i, 2].set_title(prediction, fontsize=9)
+        axes[i, 2].set_title(answers[i], fontsize=9)
         for ax in axes[i]:
             ax.axis("off")
     return save_figure(fig, output)

@@ -186,10 +186,10 @@ def preprocess_array(path: str | Path, contract: Any) -> np.ndarray:
     """File -> model input (C, S, S) float32: decode, resize (through ``source_size`` when the contract has one),
     clip to [0, 1], normalise with the contract (:func:`boneage.data.preprocess` without PyTorch)."""
     image = read_image(path)
-    if getattr(contract, "source_size", None) is not None:
+    if contract.source_size is not None:
         image = resize_array(image, int(contract.source_size), contract.resize_mode).clip(0.0, 1.0)
     image = resize_array(image, int(contract.image_size), contract.resize_mode).clip(0.0, 1.0)
-    if getattr(contract, "standardize", False):
+    if contract.standardize:
         standardized = (image - image.mean()) / max(float(image.std()), STANDARDIZE_EPS)
         return np.broadcast_to(standardized, (int(contract.in_chans), *image.shape)).astype(np.float32)
     mean = np.asarray(contract.mean, dtype=np.float32)[:, None, None]
