@@ -1,7 +1,7 @@
 """Single-image latency (cold whole-process CLI, warm in-process p50/p95) and peak memory over long batches.
 
 Usage (from the repository root; needs ../shared/data):
-    python bench/bench_latency.py [--cold-runs 3] [--warm-runs 50]
+    python bench/bench_latency.py [--cold-runs 3] [--warm-runs 50] [--rss-sizes 1000 10000]
 
 Peak RSS is measured in a fresh process per batch size, predicting the val images repeated to 1,000 and 10,000
 files with the shipped model, on each backend (onnx: the default path; torch), rows streamed to a CSV as in
@@ -54,6 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cold-runs", type=int, default=3)
     parser.add_argument("--warm-runs", type=int, default=50)
+    parser.add_argument(
+        "--rss-sizes", type=int, nargs="*", default=[1000, 10000], help="batch sizes for peak RSS (none: skip)"
+    )
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="onnx", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +113,7 @@ def main() -> None:
         results[f"{backend}_warm_ms_p50"] = timings[len(timings) // 2]
         results[f"{backend}_warm_ms_p95"] = timings[int(len(timings) * 0.95) - 1]
 
-        for n in (1000, 10000):
+        for n in args.rss_sizes:
             out = subprocess.run(
                 [sys.executable, __file__, "--rss-child", str(n), "--backend", backend],
                 check=True,
@@ -118,9 +121,11 @@ def main() -> None:
                 text=True,
             )
             results[f"{backend}_peak_rss_mib_{n}"] = float(out.stdout.strip().splitlines()[-1])
-        results[f"{backend}_rss_ratio_10000_vs_1000"] = (
-            results[f"{backend}_peak_rss_mib_10000"] / results[f"{backend}_peak_rss_mib_1000"]
-        )
+        if len(args.rss_sizes) > 1:
+            small, large = min(args.rss_sizes), max(args.rss_sizes)
+            results[f"{backend}_rss_ratio_{large}_vs_{small}"] = (
+                results[f"{backend}_peak_rss_mib_{large}"] / results[f"{backend}_peak_rss_mib_{small}"]
+            )
     print(json.dumps(results, indent=2))
 
 

@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from boneage.data import normalize, resize
-from boneage.model import ModelFolderError, load_model_folder, sha256_file
+from boneage.model import BoneAgeEnsemble, ModelFolderError, load_model_folder, sha256_file
 from boneage.predict import DEFAULT_MODEL, Predictor, default_model_dir
 from tests.conftest import synthetic_radiograph
 
 # Bone age (months) of synthetic_radiograph(120, size=100, seed=0) for a female and a male, recorded when the model
-# was shipped, as the model folder says to predict it: the mean of the image and its mirror, then the per-sex linear
-# correction (the network's output before it: 20.7269 and 28.8890). A change here means the weights, the correction,
-# the test-time augmentation default or the preprocessing (per-image standardisation included) changed: re-record
-# only on purpose.
-RECORDED_MONTHS = (17.8606, 23.1140)
+# was shipped, as the model folder says to predict it: the mean of its three networks' outputs for the image and its
+# mirror. A change here means the weights, the averaging, the test-time augmentation default or the preprocessing
+# (per-image standardisation included) changed: re-record only on purpose.
+RECORDED_MONTHS = (29.2008, 37.1446)
 
 
 def test_default_model_loads_offline_with_its_contract(monkeypatch):
@@ -26,11 +25,13 @@ def test_default_model_loads_offline_with_its_contract(monkeypatch):
     assert folder.name == DEFAULT_MODEL
     predictor = Predictor.load()
     description = predictor.description
-    assert description["data_contract"]["image_size"] == 192 and description["data_contract"]["resize_mode"] == "squash"
+    assert description["data_contract"]["image_size"] == 256 and description["data_contract"]["resize_mode"] == "squash"
     contract = description["data_contract"]
     assert contract["source_size"] == 100 and contract["standardize"] is True
     assert predictor.tta_hflip is True  # the image and its mirror by default; `--no-tta` runs one pass
-    assert description["output"]["correction"]["fit_on"].endswith("(not val)")
+    assert isinstance(predictor.model, BoneAgeEnsemble) and description["model"]["members"] == 3
+    assert [m["seed"] for m in description["training"]["members"]] == [42, 43, 44]
+    assert "correction" not in description["output"]
     assert description["output"]["unit"] == "months"
     assert description["weights_sha256"] == sha256_file(folder / "model.safetensors")
     assert description["metrics"]["selected_on"] == "val" and description["metrics"]["val"]["n"] == 1892

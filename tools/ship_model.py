@@ -1,6 +1,9 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [--name lite0-192-robust] [--dtype float16] [--tta] [--correct]
+    python tools/ship_model.py RUN_DIR [RUN_DIR ...] [--name lite0-192-robust] [--dtype float16] [--tta] [--correct]
+
+With several run folders (one architecture and data contract), the shipped model is their ensemble: one folder
+whose output is the members' mean (``boneage.model.combine_model_folders``).
 
 Predicts the seed split's val images with the fp32 weights and with the stored dtype, scores both with
 `boneage.evaluate`, and records both in config.json (``metrics.val``, ``metrics.val_fp32``) so the cost of reduced
@@ -27,7 +30,7 @@ import torch
 
 from boneage.data import read_labels, read_split
 from boneage.evaluate import evaluate, headline
-from boneage.model import contract_from_description, load_model_folder, save_model_folder
+from boneage.model import combine_model_folders, contract_from_description, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
 from boneage.quality import fit_for_model, write_non_hand_images
 from boneage.uncertainty import calibrate_interval, store_interval
@@ -97,18 +100,23 @@ def _update(folder: Path, section: str, **fields) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     parser.add_argument("--name", default="lite0-192-robust")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
     args = parser.parse_args()
-    model, description = load_model_folder(args.run_dir / "model")
+    run_dir = args.run_dirs[0]  # the recipe and history on record are the first run's
     target = ROOT / "src" / "boneage" / "models" / args.name
     building = target.with_name(target.name + ".tmp")  # renamed to target once complete
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        fp32 = headline(_score(args.run_dir / "model", tmp, "fp32", tta=args.tta))
+        source = run_dir / "model"
+        if len(args.run_dirs) > 1:
+            source = tmp / "combined"
+            combine_model_folders([run / "model" for run in args.run_dirs], source)
+        model, description = load_model_folder(source)
+        fp32 = headline(_score(source, tmp, "fp32", tta=args.tta))
         staged = tmp / "staged"
         save_model_folder(
             staged,
@@ -134,21 +142,21 @@ def main() -> None:
             **({"val_uncorrected": uncorrected} if uncorrected else {}),
             "val_note": "seed split val (n=1892): the best epoch was selected on it, so these are selection metrics",
         }
-        training = {**description["training"], "run": str(args.run_dir.name)}
+        training = {**description["training"], "run": " + ".join(run.name for run in args.run_dirs)}
         # provenance without this machine's paths: data files relative to the shared data folder
         for key in ("labels", "images", "split"):
             value = training["config"]["data"].get(key)
             if value:
                 training["config"]["data"][key] = _relative(value)
-        training["config"]["train"]["output"] = f"runs/{args.run_dir.name}"
+        training["config"]["train"]["output"] = f"runs/{run_dir.name}"
         training["data"] = {
             "labels": _relative(training["data"].get("labels") or ""),
             "split": _relative(training["data"].get("split") or ""),
             "description": "RSNA Pediatric Bone Age Challenge 2017 training set, 100x100 px squashed copies; "
             "fit on the seed split's train (8,827), best epoch selected on its val (1,892)",
         }
-        if not training.get("history") and (args.run_dir / "history.json").is_file():
-            training["history"] = json.loads((args.run_dir / "history.json").read_text())
+        if not training.get("history") and (run_dir / "history.json").is_file():
+            training["history"] = json.loads((run_dir / "history.json").read_text())
         save_model_folder(
             building,
             model,

@@ -216,6 +216,22 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_combine(args: argparse.Namespace) -> int:
+    import torch
+
+    from boneage.model import combine_model_folders
+
+    folders = [Path(folder) for folder in args.models]
+    if len(folders) < 2:
+        raise SystemExit("boneage combine: give at least two model folders")
+    if Path(args.output).exists():
+        raise SystemExit(f"boneage combine: {args.output} already exists; choose another --output")
+    combine_model_folders(folders, args.output, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.output}: the mean of {len(folders)} networks")
+    print(f"next: boneage export --model {args.output} --attach  (the folder then also runs on onnxruntime)")
+    return 0
+
+
 def _default_model() -> Path:
     from boneage.runtime import default_model_dir
 
@@ -400,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--seed", type=int, default=0, help="seed of the val halving and XGBoost")
     ensemble.add_argument("--output", required=True)
     ensemble.set_defaults(func=_cmd_ensemble)
+
+    combine = commands.add_parser(
+        "combine", help="average several trained model folders (same architecture and data contract) into one"
+    )
+    combine.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders, e.g. runs/<name>/model")
+    combine.add_argument("--output", required=True, help="the new model folder")
+    combine.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored weight precision")
+    combine.set_defaults(func=_cmd_combine)
 
     export = commands.add_parser("export", help="export a model folder to ONNX (dynamic batch), with a parity check")
     export.add_argument("--format", default="onnx", choices=("onnx",))

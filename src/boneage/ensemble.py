@@ -40,13 +40,8 @@ def fit_blend_weight(truth: np.ndarray, cnn: np.ndarray, xgb: np.ndarray, grid: 
 
 
 def _features(predictor: Predictor, table: pd.DataFrame, batch_size: int, workers: int) -> tuple[np.ndarray, ...]:
-    import torch
-
     loader = DataLoader(BoneAgeDataset(table, predictor.contract), batch_size=batch_size, num_workers=workers)
-    features, ages, male = extract_features(predictor.model, loader)
-    with torch.inference_mode():  # the CNN's own prediction from the same features
-        predictions = predictor.model.forward_head(torch.from_numpy(features)).float().numpy()
-    return features, ages, male, predictions
+    return extract_features(predictor.model, loader, with_output=True)  # the CNN's own prediction from the same pass
 
 
 def fit_ensemble(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from boneage.data import STAGE_NAMES, load_resized, normalize
-from boneage.model import BoneAgeNet
+from boneage.model import BoneAgeEnsemble, BoneAgeNet
 
 
 class _FixedSex(nn.Module):
@@ -35,11 +35,22 @@ def gradcam_layer(model: BoneAgeNet) -> nn.Module:
     return backbone.get_submodule(backbone.feature_info[-1]["module"])
 
 
-def grad_cam(model: BoneAgeNet, images: torch.Tensor, male: torch.Tensor, stage: int | None = None) -> np.ndarray:
+def gradcam_layers(model: BoneAgeNet | BoneAgeEnsemble) -> list[nn.Module]:
+    """:func:`gradcam_layer` of a network, or of every member of an ensemble (their maps are averaged)."""
+    if isinstance(model, BoneAgeEnsemble):
+        return [gradcam_layer(member) for member in model.members]
+    return [gradcam_layer(model)]
+
+
+def grad_cam(
+    model: BoneAgeNet | BoneAgeEnsemble, images: torch.Tensor, male: torch.Tensor, stage: int | None = None
+) -> np.ndarray:
     """Grad-CAM heatmaps (B, S, S) in [0, 1] for normalised images (B, C, S, S).
 
     The target is the predicted bone age for a regression model (regions that push the age up), or the logit of
-    ``stage`` (default: the predicted stage) for a classifier.
+    ``stage`` (default: the predicted stage) for a classifier. For an ensemble, the target is the ensemble's output
+    and the heatmap is the mean of the members' maps, each scaled to [0, 1] first (pytorch-grad-cam's multi-layer
+    aggregation).
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -51,7 +62,7 @@ def grad_cam(model: BoneAgeNet, images: torch.Tensor, male: torch.Tensor, stage:
         with torch.no_grad():
             predicted = wrapped(images).argmax(dim=1).tolist()
         targets = [ClassifierOutputTarget(stage if stage is not None else p) for p in predicted]
-    with GradCAM(model=wrapped, target_layers=[gradcam_layer(model)]) as cam:
+    with GradCAM(model=wrapped, target_layers=gradcam_layers(model)) as cam:
         heatmaps = cam(input_tensor=images, targets=targets)  # (B, S, S), upsampled to the input size
     return np.asarray(heatmaps, dtype=np.float32)
 
@@ -138,16 +149,22 @@ def gradcam_grid(
 
 
 @torch.inference_mode()
-def extract_features(model: BoneAgeNet, loader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``forward_features`` for every batch of a sample-dict loader: (features (N, F), ages (N,), male (N,))."""
+def extract_features(
+    model: BoneAgeNet | BoneAgeEnsemble, loader: Any, with_output: bool = False
+) -> tuple[np.ndarray, ...]:
+    """``forward_features`` for every batch of a sample-dict loader: (features (N, F), ages (N,), male (N,)), and
+    with ``with_output`` the model's output (N,) from the same pass as a fourth array."""
     model.eval()
-    features, ages, male = [], [], []
+    features, ages, male, outputs = [], [], [], []
     for batch in loader:
         images = batch["image"].contiguous(memory_format=torch.channels_last)
-        features.append(model.forward_features(images, batch["male"]).float().numpy())
+        batch_features, output = model.features_and_output(images, batch["male"])
+        features.append(batch_features.float().numpy())
+        outputs.append(output.float().numpy())
         ages.append(batch["age_months"].numpy())
         male.append(batch["male"].numpy())
-    return np.concatenate(features), np.concatenate(ages), np.concatenate(male).astype(bool)
+    arrays = (np.concatenate(features), np.concatenate(ages), np.concatenate(male).astype(bool))
+    return (*arrays, np.concatenate(outputs)) if with_output else arrays
 
 
 def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: str | Path, seed: int = 0) -> Path:

@@ -64,8 +64,7 @@ class _Exported(torch.nn.Module):
         self.assessability = assessability
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> Any:
-        features = self.model.forward_features(image, male)
-        output = self.model.forward_head(features)
+        features, output = self.model.features_and_output(image, male)
         if self.assessability is None:
             return output
         return output, self.assessability.score(features[:, : self.model.backbone.num_features])

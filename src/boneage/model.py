@@ -82,6 +82,61 @@ class BoneAgeNet(nn.Module):
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(image, male))
 
+    def features_and_output(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_features`` and the output from one pass through the backbone."""
+        features = self.forward_features(image, male)
+        return features, self.forward_head(features)
+
+
+class BoneAgeEnsemble(nn.Module):
+    """Several :class:`BoneAgeNet` of one architecture and data contract whose outputs are averaged.
+
+    It answers like one network: ``forward`` is the members' mean (months, or stage logits). The features that the
+    assessability check, t-SNE and the XGBoost blend read (``forward_features``, ``backbone``) are the first
+    member's, so those parts work on an ensemble folder unchanged.
+    """
+
+    def __init__(self, members: list[BoneAgeNet]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        first = {k: v for k, v in asdict(members[0].cfg).items() if k != "pretrained"}
+        for i, member in enumerate(members[1:], start=1):
+            other = {k: v for k, v in asdict(member.cfg).items() if k != "pretrained"}
+            if other != first:
+                diff = sorted(k for k in first if first[k] != other.get(k))
+                raise ValueError(f"ensemble member {i} differs from member 0 in model settings {diff}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.members[0].cfg
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.members[0].backbone
+
+    @property
+    def num_outputs(self) -> int:
+        return self.members[0].num_outputs
+
+    @property
+    def num_features(self) -> int:
+        return self.members[0].num_features
+
+    def forward_features(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+        """The first member's ``forward_features``."""
+        return self.members[0].forward_features(image, male)
+
+    def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(image, male) for member in self.members]).mean(dim=0)
+
+    def features_and_output(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first member's features and the ensemble's output (the first member's backbone runs once)."""
+        features, first = self.members[0].features_and_output(image, male)
+        outputs = [first] + [member(image, male) for member in self.members[1:]]
+        return features, torch.stack(outputs).mean(dim=0)
+
 
 # --------------------------------------------------------------------------------------------------- pretrained
 
@@ -243,13 +298,16 @@ def _atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 def save_model_folder(
     folder: str | Path,
-    model: BoneAgeNet,
+    model: BoneAgeNet | BoneAgeEnsemble,
     contract: DataConfig,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (architecture, data contract, recipe, metrics, checksum)."""
+    """Write ``model.safetensors`` + ``config.json`` (architecture, data contract, recipe, metrics, checksum).
+
+    An :class:`BoneAgeEnsemble` is stored in one weights file (keys ``members.<i>.``) with ``model.members`` set
+    to the number of networks."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -258,6 +316,8 @@ def save_model_folder(
     _atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
     model_cfg = asdict(model.cfg)
     model_cfg["pretrained"] = "none"  # the weights are in this folder
+    if isinstance(model, BoneAgeEnsemble):
+        model_cfg["members"] = len(model.members)
     description = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -295,9 +355,11 @@ def read_model_description(folder: str | Path) -> dict[str, Any]:
     return description
 
 
-def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> tuple[BoneAgeNet, dict[str, Any]]:
+def load_model_folder(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BoneAgeNet | BoneAgeEnsemble, dict[str, Any]]:
     """Load a model folder with no network: checksum verified, ``strict=True``. Returns (model in eval mode,
-    description from config.json)."""
+    description from config.json); a folder with ``model.members`` gives a :class:`BoneAgeEnsemble`."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -316,7 +378,58 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") ->
         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in description["model"].items() if k in known}
     )
     contract = contract_from_description(description)
-    model = BoneAgeNet(model_cfg, in_chans=contract.in_chans)
+    members = description["model"].get("members", 1)
+    if not isinstance(members, int) or members < 1:
+        raise ModelFolderError(f"{folder / CONFIG_FILE}: model.members must be a positive integer, got {members!r}")
+    model: BoneAgeNet | BoneAgeEnsemble = BoneAgeNet(model_cfg, in_chans=contract.in_chans)
+    if members > 1:
+        model = BoneAgeEnsemble(
+            [model] + [BoneAgeNet(model_cfg, in_chans=contract.in_chans) for _ in range(members - 1)]
+        )
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelFolderError(f"{weights}: the weights do not fit the model config.json describes ({err})") from None
     return model.to(device).eval(), description
+
+
+def combine_model_folders(
+    folders: list[str | Path], output: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[BoneAgeEnsemble, dict[str, Any]]:
+    """Average several model folders of one architecture and data contract into one ensemble folder.
+
+    The first folder's description (recipe, metrics) is kept; ``training.members`` lists each member's source
+    folder, seed and recorded metrics. Returns the ensemble and its description.
+    """
+    loaded = [load_model_folder(folder) for folder in folders]
+    contracts = [description["data_contract"] for _, description in loaded]
+    for folder, contract in zip(folders[1:], contracts[1:]):
+        if contract != contracts[0]:
+            raise ValueError(f"{folder}: its data contract differs from {folders[0]}'s; members must read images alike")
+    networks: list[BoneAgeNet] = []
+    for folder, (model, _) in zip(folders, loaded):
+        if isinstance(model, BoneAgeEnsemble):
+            raise ValueError(f"{folder}: already an ensemble; combine single networks")
+        networks.append(model)
+    ensemble = BoneAgeEnsemble(networks).eval()
+    first = loaded[0][1]
+    training = dict(first.get("training", {}))
+    training["members"] = [
+        {
+            "source": Path(folder).name if Path(folder).name != "model" else Path(folder).parent.name,
+            "seed": description.get("training", {}).get("config", {}).get("train", {}).get("seed"),
+            "metrics": description.get("metrics", {}),
+        }
+        for folder, (_, description) in zip(folders, loaded)
+    ]
+    selected_on = [description.get("metrics", {}).get("selected_on") for _, description in loaded]
+    save_model_folder(
+        output,
+        ensemble,
+        contract_from_description(first),
+        training=training,
+        metrics={"selected_on": selected_on[0]} if len(set(selected_on)) == 1 and selected_on[0] else {},
+        dtype=dtype,
+    )
+    return ensemble, read_model_description(output)

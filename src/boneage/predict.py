@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from boneage.config import DataConfig
 from boneage.data import ImageReadError, preprocess, stage_of
-from boneage.model import CONFIG_FILE, BoneAgeNet, contract_from_description, load_model_folder
+from boneage.model import CONFIG_FILE, BoneAgeEnsemble, BoneAgeNet, contract_from_description, load_model_folder
 from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts of prediction live in runtime
     DEFAULT_MODEL,
     IMAGE_SUFFIXES,
@@ -74,7 +74,7 @@ def _num_workers(requested: int | None, n_files: int) -> int:
 class Predictor:
     """A loaded model and its data contract; ``predict_tensor`` for in-process use, ``predict_files`` for batches."""
 
-    def __init__(self, model: BoneAgeNet, description: dict[str, Any], model_dir: Path):
+    def __init__(self, model: BoneAgeNet | BoneAgeEnsemble, description: dict[str, Any], model_dir: Path):
         self.model = model.eval()
         self.description = description
         self.model_dir = model_dir
@@ -115,9 +115,8 @@ class Predictor:
         """The raw output and, with an assessability check, each image's score (one pass through the backbone)."""
         if self.assessability is None:
             return self.forward(images, male), None
-        features = self.model.forward_features(images.contiguous(memory_format=torch.channels_last), male)
-        image_features = features[:, : self.model.backbone.num_features]
-        return self.model.forward_head(features), self.assessability.score(image_features)
+        features, output = self.model.features_and_output(images.contiguous(memory_format=torch.channels_last), male)
+        return output, self.assessability.score(features[:, : self.model.backbone.num_features])
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, torch.Tensor | None]:

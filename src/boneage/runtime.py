@@ -30,7 +30,7 @@ from boneage.imageio import STAGE_NAMES, ImageReadError, dicom_patient_info, par
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "lite0-192-robust"
+DEFAULT_MODEL = "lite0-256-robust-x3"
 ONNX_FILE = "model.onnx"
 METADATA_KEY = "boneage.config"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
