@@ -35,6 +35,14 @@ def synthetic_radiograph(age_months: float, size: int = 96, seed: int = 0) -> np
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def write_images(folder: Path, ages: Any, size: int = 80) -> Path:
+    """``<i>.png`` synthetic radiographs, one per age (months), in ``folder`` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, age in enumerate(ages):
+        Image.fromarray(synthetic_radiograph(age, size=size, seed=i)).save(folder / f"{i}.png")
+    return folder
+
+
 def write_rsna_folder(root: Path, n: int = 48, size: int = 96, seed: int = 0) -> tuple[Path, Path]:
     """Write ``images/<id>.png`` and ``labels.csv`` (id,boneage,male) covering every stage and both sexes."""
     rng = np.random.default_rng(seed)

@@ -8,14 +8,13 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from boneage.cli import main
 from boneage.config import DataConfig, ModelConfig
 from boneage.export import METADATA_KEY, ExportError, OnnxPredictor, export_onnx
 from boneage.model import BoneAgeNet, save_model_folder
 from boneage.predict import predict_paths
-from tests.conftest import synthetic_radiograph
+from tests.conftest import write_images
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
     model_dir = save_model_folder(root / "model", model, DataConfig(image_size=64))
-    images = root / "images"
-    images.mkdir()
-    for i, age in enumerate(np.linspace(10, 220, 12)):
-        Image.fromarray(synthetic_radiograph(age, size=80, seed=i)).save(images / f"{i}.png")
-    return model_dir, images
+    return model_dir, write_images(root / "images", np.linspace(10, 220, 12))
 
 
 def test_export_roundtrip_parity_and_metadata(tiny, tmp_path):

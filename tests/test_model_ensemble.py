@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from boneage.config import DataConfig, ModelConfig
 from boneage.explain import grad_cam
@@ -21,7 +20,7 @@ from boneage.model import (
     save_model_folder,
 )
 from boneage.predict import Predictor, predict_paths
-from tests.conftest import synthetic_radiograph
+from tests.conftest import write_images
 
 CONTRACT = DataConfig(image_size=64)
 
@@ -48,11 +47,7 @@ def members(tmp_path_factory) -> tuple[list[Path], Path]:
         training = {"config": {"train": {"seed": seed}}}
         metrics = {"selected_on": "val", "best_val_mae": 10.0 + seed}
         folders.append(save_model_folder(root / f"run{seed}" / "model", net, CONTRACT, training, metrics))
-    images = root / "images"
-    images.mkdir()
-    for i, age in enumerate(np.linspace(20, 200, 6)):
-        Image.fromarray(synthetic_radiograph(age, size=80, seed=i)).save(images / f"{i}.png")
-    return folders, images
+    return folders, write_images(root / "images", np.linspace(20, 200, 6))
 
 
 def test_ensemble_output_is_the_members_mean_and_survives_a_folder_roundtrip(members, tmp_path):

@@ -306,7 +306,7 @@ def save_model_folder(
 ) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (architecture, data contract, recipe, metrics, checksum).
 
-    An :class:`BoneAgeEnsemble` is stored in one weights file (keys ``members.<i>.``) with ``model.members`` set
+    A :class:`BoneAgeEnsemble` is stored in one weights file (keys ``members.<i>.``) with ``model.members`` set
     to the number of networks."""
     from safetensors.torch import save
 
@@ -399,8 +399,9 @@ def combine_model_folders(
 ) -> tuple[BoneAgeEnsemble, dict[str, Any]]:
     """Average several model folders of one architecture and data contract into one ensemble folder.
 
-    The first folder's description (recipe, metrics) is kept; ``training.members`` lists each member's source
-    folder, seed and recorded metrics. Returns the ensemble and its description.
+    The first folder's recipe (``training``: config, history) is kept; ``training.members`` lists each member's
+    source folder, seed and recorded metrics, and ``metrics`` keeps only what the members were selected on (the
+    ensemble itself is not scored here). Returns the ensemble and its description.
     """
     loaded = [load_model_folder(folder) for folder in folders]
     contracts = [description["data_contract"] for _, description in loaded]
