@@ -138,3 +138,24 @@ def test_members_must_agree_and_a_damaged_ensemble_folder_is_refused(members, tm
     config.write_text(json.dumps(description))
     with pytest.raises(ModelFolderError, match="positive integer"):
         load_model_folder(tmp_path / "ens")
+
+
+def test_feature_extraction_reads_the_first_member_and_the_ensemble_output(members, rsna_folder):
+    from torch.utils.data import DataLoader
+
+    from boneage.data import BoneAgeDataset, read_labels
+    from boneage.explain import extract_features
+
+    folders, _ = members
+    ensemble = BoneAgeEnsemble([load_model_folder(f)[0] for f in folders[:2]]).eval()
+    table = read_labels(*rsna_folder)[:8]
+    loader = DataLoader(BoneAgeDataset(table, CONTRACT), batch_size=4)
+    features, ages, male, outputs = extract_features(ensemble, loader, with_output=True)
+    first_only = extract_features(ensemble.members[0], loader)
+    assert features.shape == (8, ensemble.num_features) and len(outputs) == len(ages) == len(male) == 8
+    np.testing.assert_allclose(features, first_only[0], atol=1e-5)
+    with torch.no_grad():
+        images = torch.stack([BoneAgeDataset(table, CONTRACT)[i]["image"] for i in range(8)])
+        expected = ensemble(images, torch.as_tensor(table["male"].to_numpy()).long())
+    np.testing.assert_allclose(outputs, expected.numpy(), atol=1e-3)
+    assert len(extract_features(ensemble, loader)) == 3  # without with_output: features, ages, sex

@@ -158,9 +158,12 @@ def extract_features(
     features, ages, male, outputs = [], [], [], []
     for batch in loader:
         images = batch["image"].contiguous(memory_format=torch.channels_last)
-        batch_features, output = model.features_and_output(images, batch["male"])
+        if with_output:
+            batch_features, output = model.features_and_output(images, batch["male"])
+            outputs.append(output.float().numpy())
+        else:  # an ensemble's other members need not run
+            batch_features = model.forward_features(images, batch["male"])
         features.append(batch_features.float().numpy())
-        outputs.append(output.float().numpy())
         ages.append(batch["age_months"].numpy())
         male.append(batch["male"].numpy())
     arrays = (np.concatenate(features), np.concatenate(ages), np.concatenate(male).astype(bool))
