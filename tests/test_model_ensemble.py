@@ -111,10 +111,11 @@ def test_combine_command_writes_a_loadable_folder_and_refuses_to_overwrite(membe
     assert "mean of 2 networks" in capsys.readouterr().out
     model, description = load_model_folder(out)
     assert isinstance(model, BoneAgeEnsemble) and description["weights_dtype"] == "float16"
-    with pytest.raises(SystemExit, match="already exists"):
-        main(["combine", *map(str, folders[:2]), "--output", str(out)])
-    with pytest.raises(SystemExit, match="at least two"):
-        main(["combine", str(folders[0]), "--output", str(tmp_path / "one")])
+    assert main(["combine", *map(str, folders[:2]), "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["combine", str(folders[0]), "--output", str(tmp_path / "one")]) == 2
+    assert "at least 2 members, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
 
 
 def test_members_must_agree_and_a_damaged_ensemble_folder_is_refused(members, tmp_path):

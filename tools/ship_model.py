@@ -1,6 +1,6 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [RUN_DIR ...] [--name lite0-192-robust] [--dtype float16] [--tta] [--correct]
+    python tools/ship_model.py RUN_DIR [RUN_DIR ...] [--name NAME] [--dtype float16] [--tta] [--correct]
 
 With several run folders (one architecture and data contract), the shipped model is their ensemble: one folder
 whose output is the members' mean (``boneage.model.combine_model_folders``).
@@ -33,6 +33,7 @@ from boneage.evaluate import evaluate, headline
 from boneage.model import combine_model_folders, contract_from_description, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
 from boneage.quality import fit_for_model, write_non_hand_images
+from boneage.runtime import DEFAULT_MODEL
 from boneage.uncertainty import calibrate_interval, store_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def _update(folder: Path, section: str, **fields) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--name", default="lite0-192-robust")
+    parser.add_argument("--name", default=DEFAULT_MODEL, help="model folder name (default: the shipped model's)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
@@ -114,8 +115,9 @@ def main() -> None:
         source = run_dir / "model"
         if len(args.run_dirs) > 1:
             source = tmp / "combined"
-            combine_model_folders([run / "model" for run in args.run_dirs], source)
-        model, description = load_model_folder(source)
+            model, description = combine_model_folders([run / "model" for run in args.run_dirs], source)
+        else:
+            model, description = load_model_folder(source)
         fp32 = headline(_score(source, tmp, "fp32", tta=args.tta))
         staged = tmp / "staged"
         save_model_folder(

@@ -221,13 +221,10 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
     from boneage.model import combine_model_folders
 
-    folders = [Path(folder) for folder in args.models]
-    if len(folders) < 2:
-        raise SystemExit("boneage combine: give at least two model folders")
     if Path(args.output).exists():
-        raise SystemExit(f"boneage combine: {args.output} already exists; choose another --output")
-    combine_model_folders(folders, args.output, dtype=getattr(torch, args.dtype))
-    print(f"wrote {args.output}: the mean of {len(folders)} networks")
+        raise FileExistsError(f"{args.output} already exists; choose another --output")
+    combine_model_folders(args.models, args.output, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.output}: the mean of {len(args.models)} networks")
     print(f"next: boneage export --model {args.output} --attach  (the folder then also runs on onnxruntime)")
     return 0
 

@@ -129,7 +129,7 @@ class BoneAgeEnsemble(nn.Module):
         return self.members[0].forward_features(image, male)
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(image, male) for member in self.members]).mean(dim=0)
+        return self.features_and_output(image, male)[1]
 
     def features_and_output(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first member's features and the ensemble's output (the first member's backbone runs once)."""
