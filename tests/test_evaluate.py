@@ -66,6 +66,8 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     assert (male["n"], male["mae_months"], male["mean_signed_error_months"]) == (2, 6.0, 0.0)
     assert (female["n"], female["mae_months"], female["mean_signed_error_months"]) == (2, 5.0, -5.0)
     assert metrics["by_sex"]["mae_gap_months"] == pytest.approx(1.0)
+    assert "age_matched" not in metrics["by_sex"]  # no 2-year band of bone age holds both sexes here
+    assert metrics["by_sex_and_stage"]["female"]["Adolescent"]["mean_signed_error_months"] == -10.0
     assert "stage" not in metrics  # a regressor's stage column is its bone age binned, not a second model
     assert metrics["stage_from_regression"]["accuracy"] == 1.0
     assert metrics["by_stage"]["Adolescent"] == {"n": 1, "mae_months": 10.0, "mean_signed_error_months": -10.0}
@@ -75,6 +77,27 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     assert row["n"] == 4 and row["mae_months"] == 5.5 and row["mean_signed_error_months"] == -2.5
     assert (row["bias_male_months"], row["bias_female_months"], row["mae_female_months"]) == (0.0, -5.0, 5.0)
     assert row["stage_qwk"] == 1.0 and row["stage_accuracy"] == 1.0
+
+
+def test_age_matched_sex_gap_removes_a_difference_in_age_mix(tmp_path):
+    # errors depend on age only (2 months under 48, 10 months from 48), never on sex; the boys are mostly the
+    # younger, easier ages and the girls mostly the older ones, so the plain gap is large and the matched one zero
+    ages = [12, 12, 12, 36, 60, 12, 60, 60, 60, 84]
+    males = [True, True, True, True, True, False, False, False, False, False]
+    labels, preds = tmp_path / "labels.csv", tmp_path / "preds.csv"
+    ids = [str(i) for i in range(len(ages))]
+    pd.DataFrame({"id": ids, "boneage": ages, "male": males}).to_csv(labels, index=False)
+    predicted = [a + (2 if a < 48 else -10) for a in ages]
+    pd.DataFrame({"id": ids, "bone_age_months": predicted}).to_csv(preds, index=False)
+    metrics = evaluate(preds, labels, tmp_path / "out")
+    by_sex = metrics["by_sex"]
+    assert by_sex["male"]["mae_months"] == pytest.approx(3.6) and by_sex["female"]["mae_months"] == pytest.approx(8.4)
+    matched = by_sex["age_matched"]
+    # bands 0-24 (4 images) and 48-72 (4) hold both sexes; 24-48 (a boy) and 72-96 (a girl) are left out
+    assert matched["n"] == 8
+    assert matched["mae_male_months"] == pytest.approx(6.0) and matched["mae_female_months"] == pytest.approx(6.0)
+    assert matched["mae_gap_months"] == pytest.approx(0.0)
+    assert "at the same age mix" in (tmp_path / "out" / "report.txt").read_text()
 
 
 def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):

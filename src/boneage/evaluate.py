@@ -18,6 +18,7 @@ from boneage.data import STAGE_NAMES, DataValidationError, read_labels, stage_of
 
 PERCENTILES = (25, 50, 75, 90, 95, 99)
 WITHIN_MONTHS = (6, 12, 18)
+AGE_BAND_MONTHS = 24  # width of the reference-age bands that the age-matched per-sex comparison stratifies on
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
@@ -57,6 +58,36 @@ def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, An
         "mean_signed_error_months": float(error.mean()),
         "abs_error_percentiles_months": {str(p): float(np.percentile(absolute, p)) for p in PERCENTILES},
         "within_months": {str(k): float((absolute <= k).mean()) for k in WITHIN_MONTHS},
+    }
+
+
+def age_matched_by_sex(
+    truth: np.ndarray, predicted: np.ndarray, male: np.ndarray, band_months: float = AGE_BAND_MONTHS
+) -> dict[str, Any] | None:
+    """Each sex's MAE at the same age mix: direct standardisation over bands of the reference bone age.
+
+    The two sexes of a data set rarely share an age distribution (in RSNA the boys are older), and error depends on
+    age, so the plain per-sex MAE gap mixes a difference between the sexes with a difference in case mix. Here each
+    sex's MAE in a band is weighted by the band's share of both sexes together. Bands holding only one sex are left
+    out (``n`` counts the images in the bands kept). None when no band holds both sexes.
+    """
+    band = np.floor(truth / band_months).astype(int)
+    absolute = np.abs(predicted - truth)
+    shared = [b for b in np.unique(band) if (male[band == b]).any() and (~male[band == b]).any()]
+    if not shared:
+        return None
+    weight = np.array([(band == b).sum() for b in shared], dtype=float)
+    weight /= weight.sum()
+    mae = {
+        name: float(sum(w * absolute[(band == b) & (male == is_male)].mean() for w, b in zip(weight, shared)))
+        for name, is_male in (("male", True), ("female", False))
+    }
+    return {
+        "band_months": band_months,
+        "n": int(np.isin(band, shared).sum()),
+        "mae_male_months": mae["male"],
+        "mae_female_months": mae["female"],
+        "mae_gap_months": abs(mae["male"] - mae["female"]),
     }
 
 
@@ -125,7 +156,22 @@ def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
                 }
         if len(by_sex) == 2:
             by_sex["mae_gap_months"] = abs(by_sex["male"]["mae_months"] - by_sex["female"]["mae_months"])
+            matched = age_matched_by_sex(truth, predicted, joined["male"].to_numpy(dtype=bool))
+            if matched is not None:
+                by_sex["age_matched"] = matched
         metrics["by_sex"] = by_sex
+        metrics["by_sex_and_stage"] = {
+            sex_name: {
+                name: {
+                    "n": int(mask.sum()),
+                    "mae_months": float(np.abs(predicted - truth)[mask].mean()),
+                    "mean_signed_error_months": float((predicted - truth)[mask].mean()),
+                }
+                for i, name in enumerate(STAGE_NAMES)
+                if (mask := (true_stage == i) & (joined["male"].to_numpy(dtype=bool) == is_male)).any()
+            }
+            for sex_name, is_male in (("male", True), ("female", False))
+        }
         metrics["by_stage"] = {
             name: {
                 "n": int((true_stage == i).sum()),
@@ -260,10 +306,25 @@ def format_report(metrics: dict[str, Any]) -> str:
                 )
         if "mae_gap_months" in metrics["by_sex"]:
             lines.append(f"  MAE gap {metrics['by_sex']['mae_gap_months']:.2f} months")
+        matched = metrics["by_sex"].get("age_matched")
+        if matched:
+            lines.append(
+                f"  at the same age mix ({matched['band_months']:g}-month bands of both sexes, n={matched['n']}): "
+                f"MAE male {matched['mae_male_months']:.2f}  female {matched['mae_female_months']:.2f}  "
+                f"gap {matched['mae_gap_months']:.2f}"
+            )
         lines += ["", "By true stage"]
         for name, s in metrics["by_stage"].items():
             lines.append(
                 f"  {name:<15} n={s['n']:<5} MAE {s['mae_months']:.2f}  bias {s['mean_signed_error_months']:+.2f}"
+            )
+        for sex, stages in metrics.get("by_sex_and_stage", {}).items():
+            lines.append(
+                f"  {sex:<7} "
+                + "  ".join(
+                    f"{name} {s['mae_months']:.2f} ({s['mean_signed_error_months']:+.2f}, n={s['n']})"
+                    for name, s in stages.items()
+                )
             )
         lines.append("")
     for key, title in (
