@@ -121,7 +121,7 @@ def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):
     evaluate(preds, labels, tmp_path / "out", history=history)
     from PIL import Image
 
-    for name in ("predicted_vs_actual", "errors", "confusion_matrix_from_regression", "training_history"):
+    for name in ("predicted_vs_actual", "errors", "by_sex", "confusion_matrix_from_regression", "training_history"):
         path = tmp_path / "out" / f"{name}.png"
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L"))

@@ -1,4 +1,5 @@
-"""Figures and an HTML report for an evaluation: predicted vs actual, errors, confusion matrix, training history."""
+"""Figures and an HTML report for an evaluation: predicted vs actual, errors, errors by sex, confusion matrix, training
+history."""
 
 from __future__ import annotations
 
@@ -81,6 +82,56 @@ def plot_errors(joined: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_by_sex(joined: pd.DataFrame, metrics: dict[str, Any], path: Path) -> Path:
+    """The gender-wise analysis: MAE and mean error per 2 years of reference age for each sex, and MAE per stage."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    bins = np.arange(0, 241, 24)
+    for is_male, color, name in ((True, "tab:blue", "male"), (False, "tab:orange", "female")):
+        part = joined[joined["male"] == is_male]
+        error = (part["bone_age_months"] - part["boneage"]).to_numpy()
+        centers, maes, means = [], [], []
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            mask = ((part["boneage"] >= lo) & (part["boneage"] < hi)).to_numpy()
+            if mask.sum() >= 5:
+                centers.append((lo + hi) / 2)
+                maes.append(np.abs(error[mask]).mean())
+                means.append(error[mask].mean())
+        left.plot(centers, maes, "s-", color=color, label=f"{name} MAE")
+        left.plot(centers, means, "o--", color=color, alpha=0.7, label=f"{name} mean error")
+    left.axhline(0, color="k", lw=1)
+    left.set(xlabel="reference bone age (months)", ylabel="months", title="Error per 2 years of age, by sex")
+    left.legend(fontsize=8)
+    stages = metrics.get("by_sex_and_stage", {})
+    x = np.arange(len(STAGE_NAMES))
+    for k, (name, color) in enumerate((("male", "tab:blue"), ("female", "tab:orange"))):
+        cells = stages.get(name, {})
+        values = [cells[stage]["mae_months"] if stage in cells else np.nan for stage in STAGE_NAMES]
+        bars = right.bar(x + (k - 0.5) * 0.38, values, width=0.38, color=color, label=name)
+        for bar, stage in zip(bars, STAGE_NAMES):
+            if stage in cells:
+                right.annotate(
+                    f"n={cells[stage]['n']}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    title = "MAE per reference stage, by sex"
+    by_sex = metrics.get("by_sex", {})
+    if "mae_gap_months" in by_sex:
+        title += f"\ngap {by_sex['mae_gap_months']:.2f} months"
+        if "age_matched" in by_sex:
+            title += f"; at one age mix {by_sex['age_matched']['mae_gap_months']:.2f}"
+    right.set_xticks(x, STAGE_NAMES, rotation=15)
+    top = max([c["mae_months"] for cells in stages.values() for c in cells.values()], default=1.0)
+    right.set(ylabel="MAE (months)", title=title, ylim=(0, 1.25 * top))
+    right.legend(fontsize=8, ncol=2, loc="upper center")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
     plt = _pyplot()
     values = np.array(matrix)
@@ -139,6 +190,8 @@ def write_figures(
     if "regression" in metrics:
         figures.append(plot_predicted_vs_actual(joined, output / "predicted_vs_actual.png"))
         figures.append(plot_errors(joined, output / "errors.png"))
+        if joined["male"].nunique() == 2:
+            figures.append(plot_by_sex(joined, metrics, output / "by_sex.png"))
     if "stage" in metrics:
         figures.append(
             plot_confusion(
