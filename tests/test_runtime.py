@@ -156,3 +156,14 @@ def test_linear_correction_applies_on_both_backends(onnx_model, tmp_path):
         male = predict_paths([image], tmp_path / "m.csv", model_dir=folder, sex="M", progress=False, backend=backend)
         unchanged = predict_paths([image], tmp_path / "u.csv", model_dir=onnx_model, sex="M", progress=False)
         assert male["bone_age_months"][0] == pytest.approx(unchanged["bone_age_months"][0], abs=0.06)
+
+
+def test_model_name_is_the_folder_also_when_running_its_onnx_file(tmp_path):
+    from boneage.runtime import model_name
+
+    folder = tmp_path / "lite0-x"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert model_name(folder) == "lite0-x"
+    assert model_name(folder / "model.onnx") == "lite0-x"  # what the onnxruntime predictor holds
+    assert model_name(tmp_path / "exported.onnx") == "exported"

@@ -115,6 +115,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         chronological_age=args.age,
         gradcam_dir=args.gradcam,
     )
+    if args.dicom_report:
+        from boneage.pacs import write_reports
+        from boneage.runtime import default_model_dir, model_name
+
+        written = write_reports(table, args.dicom_report, model_name(args.model or default_model_dir()))
+        print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
         for row in table.itertuples():
@@ -144,6 +150,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from boneage.serve import serve
 
     serve(args.host, args.port, args.model, args.backend, args.max_upload_mb)
+    return 0
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from boneage.pacs import listen
+
+    listen(args.output, args.host, args.port, args.ae_title, args.send_to, args.model, args.backend)
     return 0
 
 
@@ -362,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prediction CSV, or JSON when it ends in .json (default: predictions.csv)",
     )
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--dicom-report",
+        metavar="DIR",
+        help="for each DICOM input, a report (Secondary Capture in its study, a new series) as DIR/<id>_report.dcm",
+    )
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_cmd_predict)
@@ -382,6 +400,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload (default: 32)")
     serve.set_defaults(func=_cmd_serve)
+
+    listen = commands.add_parser(
+        "listen",
+        help="DICOM node for a PACS: reads every radiograph sent to it, returns a report to the study",
+        description="A DICOM storage node (C-STORE and C-ECHO). Each received image is stored in OUTPUT/received, "
+        "read (sex and age from its header), its row appended to OUTPUT/results.csv and a report (a Secondary "
+        "Capture in the same study, a new series) written to OUTPUT/reports and, with --send-to, sent there.",
+    )
+    listen.add_argument("--output", required=True, help="folder for received images, reports and results.csv")
+    listen.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    listen.add_argument("--port", type=int, default=11112, help="DICOM port (default: 11112)")
+    listen.add_argument("--ae-title", default="BONEAGE", help="this node's AE title (default: BONEAGE)")
+    listen.add_argument("--send-to", help="HOST:PORT[:AE_TITLE] of the node (the PACS) that receives the reports")
+    listen.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
+    listen.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"), help="inference engine")
+    listen.set_defaults(func=_cmd_listen)
 
     evaluate = commands.add_parser("evaluate", help="score a prediction CSV against labels (MAE, QWK, per sex ...)")
     evaluate.add_argument("--predictions", required=True, help="CSV from boneage predict (id,bone_age_months,...)")
@@ -481,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         torch_parts = ("torch", "torchvision", "timm", "lightning", "safetensors", "sklearn")
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "pynetdicom":
+            err = ImportError(f"`boneage {args.command}` needs pynetdicom: pip install 'boneage[pacs]' ({err})")
         if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in torch_parts:
             err = ImportError(
                 f"`boneage {args.command}` needs PyTorch and its stack: pip install 'boneage[torch]' ({err})"

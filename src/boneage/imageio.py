@@ -40,7 +40,8 @@ def parse_sex(value: Any) -> bool | None:
     return None
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
+    """Whether a file is DICOM Part 10 (the DICM magic after its 128-byte preamble)."""
     with open(path, "rb") as handle:
         handle.seek(128)
         return handle.read(4) == b"DICM"
@@ -59,7 +60,7 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
-    if _is_dicom(path):
+    if is_dicom(path):
         return _read_dicom(path, max_pixels)
     from PIL import Image, UnidentifiedImageError
 
@@ -136,7 +137,7 @@ def dicom_patient_info(path: str | Path) -> dict[str, Any]:
     float | None}``. Age from PatientAge (``010Y``, ``006M``, ``030W``, ``100D``), else StudyDate - PatientBirthDate.
     A file that is not DICOM gives both None."""
     path = Path(path)
-    if not path.is_file() or not _is_dicom(path):
+    if not path.is_file() or not is_dicom(path):
         return {"male": None, "age_months": None}
     import pydicom
 

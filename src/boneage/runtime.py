@@ -222,6 +222,15 @@ def finish_row(
         row.update(clinical)
 
 
+def model_name(model_dir: str | Path) -> str:
+    """A model's name for reports: its folder's name (also when it runs from the folder's ``model.onnx``), or a bare
+    ``.onnx`` file's stem."""
+    path = Path(model_dir)
+    if path.name == ONNX_FILE and (path.parent / "config.json").is_file():
+        return path.parent.name
+    return path.stem if path.suffix == ".onnx" else path.name
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

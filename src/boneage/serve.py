@@ -24,7 +24,7 @@ from typing import Annotated, Any
 from boneage import __version__
 from boneage.clinical import REFERENCE, parse_chronological_age
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
-from boneage.runtime import PREDICTION_COLUMNS, load_predictor, torch_available
+from boneage.runtime import PREDICTION_COLUMNS, load_predictor, model_name, torch_available
 
 logger = logging.getLogger("boneage.serve")
 
@@ -85,7 +85,7 @@ class BoneAgeService:
     def model_info(self) -> dict[str, Any]:
         description = self.predictor.description
         return {
-            "name": Path(self.predictor.model_dir).name,
+            "name": model_name(self.predictor.model_dir),
             "boneage_version": description.get("boneage_version"),
             "weights_sha256": description.get("weights_sha256"),
             "backbone": description.get("model", {}).get("backbone"),

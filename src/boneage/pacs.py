@@ -1,0 +1,388 @@
+"""PACS integration: the bone-age report as a DICOM object in the radiograph's own study, and a DICOM node for it.
+
+``report_dataset`` turns a prediction row into a DICOM Secondary Capture (RGB): the radiograph beside the findings,
+in the source image's study (patient and study attributes copied, a new series), so any PACS viewer shows it next to
+the film. ``Listener`` (``boneage listen``) is a DICOM storage node (C-STORE SCP, pynetdicom): every image sent to it
+is stored, read by :meth:`predict_files` (the code path of ``boneage predict``; sex and age from the DICOM header),
+its row appended to ``results.csv`` and its report written beside it and, with a destination, sent on by C-STORE.
+
+A sender is answered as soon as the file is on disk; reading and sending run on one worker thread, in arrival order.
+Nothing computed is lost when a send fails: the report stays in ``reports/`` and the row says why. The log holds an
+instance counter, status and timings, never a patient detail.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import queue
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boneage import __version__
+from boneage.imageio import dicom_patient_info, read_image
+from boneage.runtime import PREDICTION_COLUMNS, model_name
+
+logger = logging.getLogger("boneage.pacs")
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+REPORT_SERIES_NUMBER = 9901
+RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent"]
+# copied from the source image so the report files into the same patient and study
+PATIENT_STUDY_TAGS = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+TYPE2_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID")
+TYPE2_TAGS += ("AccessionNumber", "ReferringPhysicianName")
+
+
+def findings(row: dict[str, Any]) -> list[str]:
+    """The report's lines for one prediction row (no patient identifiers)."""
+    if row.get("status") == "not assessable":
+        return [
+            "NOT ASSESSABLE",
+            "The image does not look like the hand",
+            "radiographs the model knows; no bone",
+            "age is given.",
+        ]
+    if row.get("status") != "ok":
+        return ["NO RESULT", str(row.get("message", ""))[:200]]
+    lines = [f"Bone age {row['bone_age_months']:.1f} months ({row['bone_age']})"]
+    if row.get("lower_months") is not None and row.get("upper_months") is not None:
+        lines.append(f"90% interval {row['lower_months']:.0f}-{row['upper_months']:.0f} months")
+    lines.append(f"Stage {row['stage']}")
+    lines.append(f"Sex {'M' if row['male'] else 'F'}")
+    if row.get("chronological_age_months") is not None:
+        lines.append(f"Chronological age {row['chronological_age_months']:.1f} months")
+        if row.get("ba_minus_ca_months") is not None:
+            lines.append(f"BA - CA {row['ba_minus_ca_months']:+.1f} months")
+        if row.get("sds") is not None:
+            lines.append(f"SDS {row['sds']:+.2f} ({row['call']})")
+        elif row.get("message"):
+            lines.append(str(row["message"])[:80])
+    return lines
+
+
+def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, height: int = 512) -> np.ndarray:
+    """(H, W, 3) uint8: the radiograph (``height`` px tall) beside a panel with :func:`findings`."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    gray = read_image(image_path)
+    width = max(1, round(gray.shape[1] * height / gray.shape[0]))
+    shown = np.asarray(Image.fromarray(gray, mode="F").resize((width, height), Image.BILINEAR)).clip(0, 1)
+    panel_width = 420
+    canvas = Image.new("RGB", (width + panel_width, height), (0, 0, 0))
+    canvas.paste(Image.fromarray((shown * 255).round().astype(np.uint8)).convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    title, body, small = (ImageFont.load_default(size=s) for s in (22, 19, 13))
+    x, y = width + 16, 16
+    draw.text((x, y), "Bone age (automated)", fill=(255, 255, 255), font=title)
+    y += 40
+    for line in findings(row):
+        draw.text((x, y), line, fill=(255, 230, 120) if line.isupper() else (255, 255, 255), font=body)
+        y += 28
+    footer = [
+        f"boneage {__version__}, model {model_name}",
+        "Research and decision support, not a medical",
+        "device: a clinician reads the film.",
+    ]
+    for k, line in enumerate(footer):
+        draw.text((x, height - 16 - 18 * (len(footer) - k)), line, fill=(170, 170, 170), font=small)
+    return np.asarray(canvas)
+
+
+def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_name: str) -> Any:
+    """A DICOM Secondary Capture (RGB) of ``picture`` in ``source``'s patient and study, in a new series.
+
+    ``source``: the radiograph's pydicom Dataset. Without a StudyInstanceUID (a bare file) the report gets a new study.
+    The findings are also in ImageComments, as text a PACS can show or search.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    now = datetime.now()
+    ds = pydicom.Dataset()
+    for tag in PATIENT_STUDY_TAGS:
+        if tag in source:
+            setattr(ds, tag, source.data_element(tag).value)
+    for tag in TYPE2_TAGS:
+        if tag not in ds:
+            setattr(ds, tag, "")
+    if "StudyInstanceUID" not in ds:
+        ds.StudyInstanceUID = generate_uid()
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = REPORT_SERIES_NUMBER
+    ds.SeriesDescription = "Bone age report (boneage)"
+    ds.InstanceNumber = 1
+    ds.ConversionType = "WSD"  # workstation: made by software
+    ds.Manufacturer = "boneage"
+    ds.SoftwareVersions = f"{__version__} {model_name}"
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"  # the picture's text holds no patient identifiers
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = "Bone age estimated from the source radiograph by boneage"
+    ds.ImageComments = "; ".join(findings(row))[:10240]
+    if "SOPInstanceUID" in source and "SOPClassUID" in source:
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ds.SourceImageSequence = DicomSequence([reference])
+    rows, columns = picture.shape[:2]
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(picture, dtype=np.uint8).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def write_reports(rows: Any, folder: str | Path, model_name: str) -> list[Path]:
+    """A report (:func:`report_dataset`) for every DICOM input among prediction rows (a ``boneage predict`` frame)
+    that has a bone age or was refused as not assessable: ``<folder>/<source id>_report.dcm``. Other files and rows
+    are skipped."""
+    import pydicom
+
+    from boneage.imageio import is_dicom
+
+    folder = Path(folder)
+    written = []
+    for record in rows.to_dict("records"):
+        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}  # NaN -> None
+        path = Path(str(row.get("path", "")))
+        if row.get("status") not in ("ok", "not assessable") or not path.is_file() or not is_dicom(path):
+            continue
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        report = report_dataset(source, render_report(path, row, model_name), row, model_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{row['id']}_report.dcm"
+        report.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def parse_destination(text: str) -> tuple[str, int, str]:
+    """``HOST:PORT`` or ``HOST:PORT:AE_TITLE`` -> (host, port, AE title; ``ANY-SCP`` when not given)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
+        raise ValueError(f"--send-to: expected HOST:PORT or HOST:PORT:AE_TITLE, got {text!r}")
+    title = parts[2] if len(parts) == 3 else "ANY-SCP"
+    if not 0 < len(title) <= 16:
+        raise ValueError(f"--send-to: an AE title has 1 to 16 characters, got {title!r}")
+    return parts[0], int(parts[1]), title
+
+
+def send_dataset(ds: Any, destination: tuple[str, int, str], calling_title: str = "BONEAGE") -> None:
+    """C-STORE one dataset to ``(host, port, AE title)``. Raises ConnectionError with the reason when it fails."""
+    from pynetdicom import AE
+
+    host, port, title = destination
+    ae = AE(ae_title=calling_title)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(host, port, ae_title=title)
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {title}@{host}:{port} (refused, aborted or not listening)")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None) if status else None
+    if code != 0x0000:
+        raise ConnectionError(f"{title}@{host}:{port} answered the C-STORE with status {code!r}")
+
+
+class Listener:
+    """A DICOM storage node that reads every radiograph sent to it (see the module docstring).
+
+    Args:
+        predictor: a loaded predictor (:func:`boneage.runtime.load_predictor`).
+        output: folder for ``received/``, ``reports/`` and ``results.csv`` (created).
+        ae_title: this node's AE title.
+        destination: where reports are sent, ``(host, port, AE title)``, or None to keep them on disk only.
+    """
+
+    def __init__(
+        self,
+        predictor: Any,
+        output: str | Path,
+        ae_title: str = "BONEAGE",
+        destination: tuple[str, int, str] | None = None,
+    ):
+        self.predictor = predictor
+        self.output = Path(output)
+        self.ae_title = ae_title
+        self.destination = destination
+        self.model_name = model_name(predictor.model_dir)
+        for name in ("received", "reports"):
+            (self.output / name).mkdir(parents=True, exist_ok=True)
+        self.results = self.output / "results.csv"
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="boneage-listener", daemon=True)
+        self._count = 0
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    # ------------------------------------------------------------------------------------------------- DICOM side
+    def handle_store(self, event: Any) -> int:
+        """EVT_C_STORE: write the instance to ``received/`` and queue it; 0x0000 once it is on disk."""
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            uid = str(ds.SOPInstanceUID)
+            if not uid.replace(".", "").isdigit():
+                logger.warning("rejected an instance with a malformed SOP Instance UID")
+                return 0xA900  # dataset does not match SOP class
+            path = self.output / "received" / f"{uid}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+        except Exception as err:  # any failure to decode or store is answered, never raised into pynetdicom
+            logger.warning("could not store a received instance: %s", type(err).__name__)
+            return 0xC000  # cannot understand
+        with self._lock:  # associations run on their own threads
+            self._count += 1
+            logger.info("instance %d stored", self._count)
+        self._queue.put(path)
+        return 0x0000
+
+    def start(self, host: str = "0.0.0.0", port: int = 11112, block: bool = True) -> None:
+        """Listen on ``host:port``. ``block=False`` returns once listening (stop with :meth:`stop`)."""
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)  # C-ECHO, the PACS's "test connection"
+        self._worker.start()
+        handlers = [(evt.EVT_C_STORE, self.handle_store)]
+        logger.info("listening as %s on %s:%d", self.ae_title, host, port)
+        if block:
+            try:
+                ae.start_server((host, port), block=True, evt_handlers=handlers)
+            finally:
+                self.stop()
+        else:
+            self._server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+
+    def wait(self) -> None:
+        """Block until every instance received so far has been read and reported."""
+        self._queue.join()
+
+    def stop(self) -> None:
+        """Stop listening, finish what was received, stop the worker."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+
+    # ----------------------------------------------------------------------------------------------- worker side
+    def _work(self) -> None:
+        while True:
+            path = self._queue.get()
+            try:
+                if path is None:
+                    return
+                self.process(path)
+            except Exception as err:  # one bad instance must not stop the node; its row says what happened
+                logger.error("instance failed: %s", type(err).__name__)
+                self._append({"id": path.stem, "path": str(path), "status": "error", "message": f"{path}: {err}"})
+            finally:
+                self._queue.task_done()
+
+    def process(self, path: Path) -> dict[str, Any]:
+        """Read one stored instance, write its report, send it on, append its row to ``results.csv``."""
+        import pydicom
+
+        started = time.perf_counter()
+        header = dicom_patient_info(path)
+        row = next(self.predictor.predict_files([path], [header["male"]], ages=[_plausible_age(header)]))
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        row["sop_instance_uid"] = str(source.SOPInstanceUID)
+        row["report"], row["sent"] = "", ""
+        if row["status"] in ("ok", "not assessable"):
+            picture = render_report(path, row, self.model_name)
+            report = report_dataset(source, picture, row, self.model_name)
+            target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
+            report.save_as(target, enforce_file_format=True)
+            row["report"] = str(target)
+            if self.destination is not None:
+                try:
+                    send_dataset(report, self.destination, self.ae_title)
+                    row["sent"] = "{2}@{0}:{1}".format(*self.destination)
+                except (ConnectionError, OSError, RuntimeError) as err:
+                    row["sent"] = f"failed: {err}"
+        self._append(row)
+        logger.info(
+            "instance read: %s in %.2f s%s",
+            row["status"],
+            time.perf_counter() - started,
+            f", sent {'no' if row['sent'].startswith('failed') else 'yes'}" if self.destination else "",
+        )
+        return row
+
+    def _append(self, row: dict[str, Any]) -> None:
+        new = not self.results.is_file()
+        with self.results.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
+
+
+def _plausible_age(header: dict[str, Any]) -> float | None:
+    """The header's chronological age when it is a plausible one, else None (the report then has no SDS)."""
+    from boneage.clinical import parse_chronological_age
+
+    try:
+        return parse_chronological_age(header["age_months"], "DICOM PatientAge")
+    except ValueError:
+        return None
+
+
+def listen(
+    output: str | Path,
+    host: str = "0.0.0.0",
+    port: int = 11112,
+    ae_title: str = "BONEAGE",
+    send_to: str | None = None,
+    model: str | Path | None = None,
+    backend: str = "auto",
+) -> None:
+    """``boneage listen``: load the model and serve until interrupted."""
+    from boneage.runtime import load_predictor
+
+    destination = parse_destination(send_to) if send_to else None
+    if not 0 < len(ae_title) <= 16:
+        raise ValueError(f"--ae-title: 1 to 16 characters, got {ae_title!r}")
+    listener = Listener(load_predictor(model, backend), output, ae_title, destination)
+    listener.start(host, port, block=True)

@@ -1,0 +1,215 @@
+"""PACS integration: the report as a DICOM Secondary Capture in the source study, and the DICOM node end to end."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+
+pydicom = pytest.importorskip("pydicom")
+pynetdicom = pytest.importorskip("pynetdicom")
+
+from boneage.pacs import (  # noqa: E402
+    SECONDARY_CAPTURE,
+    Listener,
+    findings,
+    parse_destination,
+    render_report,
+    report_dataset,
+)
+
+OK_ROW = {
+    "status": "ok",
+    "male": False,
+    "bone_age_months": 131.2,
+    "bone_age": "10y 11m",
+    "lower_months": 113.7,
+    "upper_months": 148.7,
+    "stage": "Pre-adolescent",
+    "chronological_age_months": 120.0,
+    "ba_minus_ca_months": 11.2,
+    "sds": 1.03,
+    "call": "normal",
+    "message": "",
+}
+
+
+def _source(path: Path, **tags: object) -> Path:
+    from pydicom.uid import generate_uid
+
+    study = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid()}
+    return write_dicom(path, synthetic_radiograph(120, size=96).astype("uint16") * 16, **{**study, **tags})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_report_files_into_the_source_study_as_a_new_series(tmp_path):
+    source_path = _source(tmp_path / "hand.dcm", PatientID="P-1", PatientName="Doe^Jane", PatientSex="F")
+    source = pydicom.dcmread(source_path)
+    picture = render_report(source_path, OK_ROW, "tiny")
+    assert picture.shape[0] == 512 and picture.shape[2] == 3 and picture.dtype == np.uint8
+    panel = picture[:, 512:]  # the 96-px square radiograph is 512 wide; the findings panel is beside it
+    assert panel.std() > 5  # text was drawn, not a blank panel
+    report = report_dataset(source, picture, OK_ROW, "tiny")
+    report.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "report.dcm")
+    assert back.SOPClassUID == SECONDARY_CAPTURE and back.Modality == "OT"
+    assert (back.PatientID, str(back.PatientName), back.StudyInstanceUID) == (
+        "P-1",
+        "Doe^Jane",
+        source.StudyInstanceUID,
+    )
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID and back.SOPInstanceUID != source.SOPInstanceUID
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert np.array_equal(back.pixel_array, picture)
+    assert "Bone age 131.2 months (10y 11m)" in back.ImageComments and "SDS +1.03 (normal)" in back.ImageComments
+    assert back.BurnedInAnnotation == "NO" and "Doe" not in " ".join(findings(OK_ROW))
+
+
+def test_report_of_a_file_without_a_study_gets_its_own_study(tmp_path):
+    bare = write_dicom(tmp_path / "bare.dcm", synthetic_radiograph(60).astype("uint16"))
+    source = pydicom.dcmread(bare)
+    refused = {"status": "not assessable", "male": True, "message": "x"}
+    report = report_dataset(source, render_report(bare, refused, "tiny"), refused, "tiny")
+    assert report.StudyInstanceUID and report.PatientID == ""  # type 2: present, empty
+    assert report.ImageComments.startswith("NOT ASSESSABLE")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("pacs.local:104", ("pacs.local", 104, "ANY-SCP")), ("10.0.0.5:11112:ORTHANC", ("10.0.0.5", 11112, "ORTHANC"))],
+)
+def test_destination_parsing(text, expected):
+    assert parse_destination(text) == expected
+
+
+@pytest.mark.parametrize("text", ["pacs", "pacs:abc", ":104", "pacs:0", "pacs:104:WAY-TOO-LONG-AE-TITLE"])
+def test_bad_destinations_are_named(text):
+    with pytest.raises(ValueError, match="--send-to"):
+        parse_destination(text)
+
+
+class _Collector:
+    """A stand-in PACS: a storage node keeping what it receives."""
+
+    def __init__(self, port: int):
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        self.received: list = []
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = StoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        self.received.append(event.dataset)
+        return 0x0000
+
+
+def _send(port: int, *paths: Path) -> list[int]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(SECONDARY_CAPTURE)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
+    assert assoc.is_established
+    try:
+        codes = [assoc.send_c_echo().Status]
+        codes += [assoc.send_c_store(pydicom.dcmread(path)).Status for path in paths]
+    finally:
+        assoc.release()
+    return codes
+
+
+def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
+    from boneage.runtime import load_predictor
+
+    predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
+    girl = _source(tmp_path / "girl.dcm", PatientID="P-2", PatientSex="F", PatientAge="010Y")
+    unknown = _source(tmp_path / "unknown.dcm", PatientID="P-3")  # no PatientSex: never guessed
+    pacs_port, node_port = _free_port(), _free_port()
+    pacs = _Collector(pacs_port)
+    listener = Listener(predictor, tmp_path / "node", destination=("127.0.0.1", pacs_port, "PACS"))
+    listener.start("127.0.0.1", node_port, block=False)
+    try:
+        assert _send(node_port, girl, unknown) == [0x0000, 0x0000, 0x0000]  # echo, then both stored
+        listener.wait()
+    finally:
+        listener.stop()
+        pacs.server.shutdown()
+
+    results = pd.read_csv(tmp_path / "node" / "results.csv", dtype=str, keep_default_na=False)
+    assert len(results) == 2 and len(list((tmp_path / "node" / "received").glob("*.dcm"))) == 2
+    by_uid = results.set_index("sop_instance_uid")
+    girl_row = by_uid.loc[pydicom.dcmread(girl).SOPInstanceUID]
+    assert girl_row["status"] == "ok" and float(girl_row["chronological_age_months"]) == 120.0
+    assert girl_row["sds"] != "" and girl_row["sent"] == "PACS@127.0.0.1:" + str(pacs_port)
+    report = pydicom.dcmread(girl_row["report"])
+    assert report.StudyInstanceUID == pydicom.dcmread(girl).StudyInstanceUID
+    unknown_row = by_uid.loc[pydicom.dcmread(unknown).SOPInstanceUID]
+    assert unknown_row["status"] == "error" and "sex unknown" in unknown_row["message"]
+    assert unknown_row["report"] == "" and unknown_row["sent"] == ""
+    assert len(pacs.received) == 1  # only the girl's report reached the PACS
+    assert pacs.received[0].SOPInstanceUID == report.SOPInstanceUID
+    assert pacs.received[0].StudyInstanceUID == report.StudyInstanceUID
+
+
+def test_a_failed_send_keeps_the_report_and_says_why(tmp_path):
+    from boneage.runtime import load_predictor
+
+    predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
+    hand = _source(tmp_path / "hand.dcm", PatientSex="M")
+    nobody = _free_port()  # nothing listens there
+    listener = Listener(predictor, tmp_path / "node", destination=("127.0.0.1", nobody, "PACS"))
+    row = listener.process(hand)
+    assert row["status"] == "ok" and row["sent"].startswith("failed: no association")
+    assert Path(row["report"]).is_file()
+    assert pd.read_csv(tmp_path / "node" / "results.csv")["sent"].iloc[0].startswith("failed")
+
+
+def test_predict_writes_a_dicom_report_for_dicom_inputs_only(tmp_path):
+    from PIL import Image
+
+    from boneage.cli import main
+
+    model = make_tiny_model(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    dicom = _source(tmp_path / "in" / "hand.dcm", PatientSex="F", PatientID="P-4")
+    Image.fromarray(synthetic_radiograph(90)).save(tmp_path / "in" / "plain.png")
+    code = main(
+        ["predict", str(tmp_path / "in"), "--model", str(model), "--sex", "F", "--quiet"]
+        + ["--output", str(tmp_path / "p.csv"), "--dicom-report", str(tmp_path / "reports")]
+    )
+    assert code == 0
+    reports = sorted((tmp_path / "reports").iterdir())
+    assert [p.name for p in reports] == ["hand_report.dcm"]  # the PNG has no study to file a report into
+    report = pydicom.dcmread(reports[0])
+    predicted = pd.read_csv(tmp_path / "p.csv").set_index("id").loc["hand", "bone_age_months"]
+    assert report.StudyInstanceUID == pydicom.dcmread(dicom).StudyInstanceUID
+    assert f"Bone age {predicted:.1f} months" in report.ImageComments
+    assert "interval" not in report.ImageComments  # the tiny model has no calibrated interval: no NaN printed
+
+
+def test_an_instance_that_fails_after_it_was_stored_still_gets_a_row(tmp_path, monkeypatch):
+    import boneage.pacs
+    from boneage.runtime import load_predictor
+
+    predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
+    listener = Listener(predictor, tmp_path / "node")
+    monkeypatch.setattr(boneage.pacs, "render_report", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    listener._worker.start()
+    listener._queue.put(_source(tmp_path / "hand.dcm", PatientSex="M"))
+    listener.wait()
+    listener.stop()
+    row = pd.read_csv(tmp_path / "node" / "results.csv").iloc[0]
+    assert row["status"] == "error" and "disk full" in row["message"]
