@@ -213,3 +213,15 @@ def test_an_instance_that_fails_after_it_was_stored_still_gets_a_row(tmp_path, m
     listener.stop()
     row = pd.read_csv(tmp_path / "node" / "results.csv").iloc[0]
     assert row["status"] == "error" and "disk full" in row["message"]
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    from boneage.runtime import load_predictor
+
+    predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            Listener(predictor, tmp_path / "node").start("127.0.0.1", port, block=False)

@@ -281,16 +281,20 @@ class Listener:
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)  # C-ECHO, the PACS's "test connection"
-        self._worker.start()
         handlers = [(evt.EVT_C_STORE, self.handle_store)]
+        try:
+            self._server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        self._worker.start()
         logger.info("listening as %s on %s:%d", self.ae_title, host, port)
         if block:
             try:
-                ae.start_server((host, port), block=True, evt_handlers=handlers)
+                threading.Event().wait()  # until interrupted (Ctrl-C)
+            except KeyboardInterrupt:
+                logger.info("stopping")
             finally:
                 self.stop()
-        else:
-            self._server = ae.start_server((host, port), block=False, evt_handlers=handlers)
 
     def wait(self) -> None:
         """Block until every instance received so far has been read and reported."""
