@@ -37,6 +37,9 @@ def test_calibration_reaches_nominal_coverage_on_the_other_half(tmp_path):
     assert interval["half_width_months"] == pytest.approx(16.45, abs=1.5)  # 1.645 sigma for a normal error
     assert interval["calibration"]["n"] + interval["evaluation"]["n"] == n
     assert 0.87 <= interval["evaluation"]["coverage"] <= 0.93
+    by_stage = interval["evaluation"]["coverage_by_reference_stage"]
+    assert sum(part["n"] for part in by_stage.values()) == interval["evaluation"]["n"]
+    assert all(0.8 <= part["coverage"] <= 1.0 for part in by_stage.values())  # errors here do not depend on age
 
 
 def test_stored_interval_reaches_the_prediction_csv(tmp_path):

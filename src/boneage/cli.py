@@ -302,6 +302,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"other {held['n']}: coverage {held['coverage']:.1%} (nominal {args.coverage:.0%}), "
         f"width {held['mean_width_months']:.2f} months"
     )
+    by_stage = held["coverage_by_reference_stage"]
+    print("  by reference stage: " + ", ".join(f"{k} {v['coverage']:.1%} (n={v['n']})" for k, v in by_stage.items()))
     if args.model:
         store_interval(args.model, interval)
         print(f"stored in {Path(args.model) / 'config.json'}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from boneage.data import make_split, read_labels
+from boneage.data import STAGE_NAMES, make_split, read_labels, stage_of
 from boneage.evaluate import read_predictions
 from boneage.model import CONFIG_FILE, read_model_description
 
@@ -44,6 +44,12 @@ def calibrate_interval(
     held = residual[halves == "val"]
     male = joined["male"].to_numpy(dtype=bool)[halves == "val"]
     covered = np.abs(held) <= q
+    stage = stage_of(joined["boneage"].to_numpy(dtype=float)[halves == "val"])
+    by_stage = {
+        name: {"n": int((stage == i).sum()), "coverage": float(covered[stage == i].mean())}
+        for i, name in enumerate(STAGE_NAMES)
+        if (stage == i).any()
+    }
     return {
         "method": "split conformal on absolute residuals; interval = prediction +/- half_width_months",
         "coverage_nominal": coverage,
@@ -54,6 +60,7 @@ def calibrate_interval(
             "coverage": float(covered.mean()),
             "coverage_male": float(covered[male].mean()),
             "coverage_female": float(covered[~male].mean()),
+            "coverage_by_reference_stage": by_stage,
             "mean_width_months": 2 * q,
         },
     }
