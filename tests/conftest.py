@@ -105,3 +105,26 @@ def make_tiny_model(folder: Path, image_size: int = 64, **contract: Any) -> Path
     torch.manual_seed(0)
     model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
     return save_model_folder(folder, model, DataConfig(image_size=image_size, **contract))
+
+
+def compress_dicom(source: Path, target: Path, syntax: str) -> Path:
+    """``source`` re-encoded by GDCM in a compressed transfer syntax: ``jpeg-lossless``, ``jpeg-ls`` or ``jpeg2000``."""
+    gdcm = pytest.importorskip("gdcm")
+    syntaxes = {
+        "jpeg-lossless": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+        "jpeg-ls": gdcm.TransferSyntax.JPEGLSLossless,
+        "jpeg2000": gdcm.TransferSyntax.JPEG2000Lossless,
+    }
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read(), source
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(syntaxes[syntax]))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), syntax
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), target
+    return target

@@ -26,7 +26,7 @@ from boneage.data import (
     resize,
     stage_of,
 )
-from tests.conftest import synthetic_radiograph, write_dicom
+from tests.conftest import compress_dicom, synthetic_radiograph, write_dicom
 
 # ------------------------------------------------------------------------------------------- labels validation
 
@@ -181,6 +181,17 @@ def test_read_dicom_monochrome2_and_monochrome1(tmp_path, gradient):
     mono1 = read_image(write_dicom(tmp_path / "b", 4080 - pixels, "MONOCHROME1"))  # no extension: found by magic
     np.testing.assert_allclose(mono2, gradient / 255.0, atol=1e-3)
     np.testing.assert_allclose(mono1, mono2, atol=1e-6)  # inverted back: bone is bright in both
+
+
+@pytest.mark.parametrize("syntax", ["jpeg-lossless", "jpeg-ls", "jpeg2000"])
+def test_read_compressed_dicom(tmp_path, gradient, syntax):
+    # what archives hold: CR/DX images are often stored with lossless JPEG; the pixels must come back unchanged
+    plain = write_dicom(tmp_path / "plain.dcm", gradient.astype(np.uint16) * 16)
+    packed = compress_dicom(plain, tmp_path / "packed.dcm", syntax)
+    import pydicom
+
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(read_image(packed), read_image(plain))
 
 
 def test_read_dicom_applies_voi_window(tmp_path, gradient):

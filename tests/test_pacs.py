@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+from tests.conftest import compress_dicom, make_tiny_model, synthetic_radiograph, write_dicom
 
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
@@ -119,7 +119,8 @@ def _send(port: int, *paths: Path) -> list[int]:
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(SECONDARY_CAPTURE)
+    for path in paths:  # each file travels in its own transfer syntax, compressed ones included
+        ae.add_requested_context(SECONDARY_CAPTURE, pydicom.dcmread(path).file_meta.TransferSyntaxUID)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="BONEAGE")
     assert assoc.is_established
@@ -135,7 +136,8 @@ def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
     from boneage.runtime import load_predictor
 
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
-    girl = _source(tmp_path / "girl.dcm", PatientID="P-2", PatientSex="F", PatientAge="010Y")
+    girl = _source(tmp_path / "plain.dcm", PatientID="P-2", PatientSex="F", PatientAge="010Y")
+    girl = compress_dicom(girl, tmp_path / "girl.dcm", "jpeg-lossless")  # as archives often send CR/DX images
     unknown = _source(tmp_path / "unknown.dcm", PatientID="P-3")  # no PatientSex: never guessed
     pacs_port, node_port = _free_port(), _free_port()
     pacs = _Collector(pacs_port)

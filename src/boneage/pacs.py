@@ -32,6 +32,13 @@ logger = logging.getLogger("boneage.pacs")
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 REPORT_SERIES_NUMBER = 9901
+# lossless compressed transfer syntaxes a sender may use (decoded by GDCM): JPEG Lossless SV1, JPEG-LS, JPEG 2000, RLE
+COMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.5",
+)
 RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent"]
 # copied from the source image so the report files into the same patient and study
 PATIENT_STUDY_TAGS = (
@@ -275,11 +282,12 @@ class Listener:
 
     def start(self, host: str = "0.0.0.0", port: int = 11112, block: bool = True) -> None:
         """Listen on ``host:port``. ``block=False`` returns once listening (stop with :meth:`stop`)."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:  # uncompressed, and the compressed syntaxes we can decode
+            ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, *COMPRESSED_SYNTAXES])
         ae.add_supported_context(Verification)  # C-ECHO, the PACS's "test connection"
         handlers = [(evt.EVT_C_STORE, self.handle_store)]
         try:
