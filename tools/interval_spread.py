@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_model import DATA  # noqa: E402
+from ship_model import DATA, split_part  # noqa: E402
 
 from boneage.data import make_split, preprocess, stage_of  # noqa: E402
 from boneage.model import BoneAgeEnsemble, contract_from_description, load_model_folder  # noqa: E402
@@ -61,9 +61,7 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"needs the RSNA 100-px data at {DATA}")
     args.out.mkdir(parents=True, exist_ok=True)
-    labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
-    split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
-    val = labels.merge(split, on="id").query("split == 'val'").reset_index(drop=True)
+    val = split_part("val")
     cache = args.out / "members_val.npz"
     if cache.is_file():
         outputs = np.load(cache)["out"]

@@ -46,12 +46,17 @@ def _relative(path: str) -> str:
     return str(Path(*parts[parts.index("data") + 1 :])) if "data" in parts else Path(path).name
 
 
+def split_part(subset: str) -> pd.DataFrame:
+    """The labels (``id,boneage,male,split``) of one part of the seed split, in the labels file's order."""
+    split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
+    labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
+    return labels.merge(split, on="id").query("split == @subset").reset_index(drop=True)
+
+
 def predict_subset(model_dir: Path, tmp: Path, name: str, subset: str, tta: bool | None = None) -> Path:
     """Predict one part of the seed split (sex from the labels) into ``tmp/<name>.csv``; the folder's TTA default
     unless ``tta`` is given."""
-    split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
-    labels = pd.read_csv(DATA / "boneage-training-dataset.csv", dtype={"id": str})
-    part = labels.merge(split, on="id").query("split == @subset")
+    part = split_part(subset)
     meta = tmp / f"meta_{subset}.csv"
     part[["id", "male"]].to_csv(meta, index=False)
     paths = [DATA / "boneage-training-dataset" / f"{i}.png" for i in part["id"]]

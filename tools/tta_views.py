@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_model import DATA, FULLRES  # noqa: E402
+from ship_model import DATA, FULLRES, split_part  # noqa: E402
 
 from boneage.data import load_resized, make_split, normalize_batch  # noqa: E402
 from boneage.evaluate import evaluate, headline  # noqa: E402
@@ -91,9 +91,7 @@ def main() -> None:
     predictor = OnnxPredictor(args.model or default_model_dir())
 
     labels_csv = DATA / "boneage-training-dataset.csv"
-    labels = pd.read_csv(labels_csv, dtype={"id": str})
-    split = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str})
-    val = labels.merge(split, on="id").query("split == 'val'").reset_index(drop=True)
+    val = split_part("val")
     parts = {"val": (val, [DATA / "boneage-training-dataset" / f"{i}.png" for i in val["id"]], labels_csv)}
     if not args.no_fullres and FULLRES.is_dir():
         full = pd.read_csv(FULLRES / "labels.csv", dtype={"id": str})
