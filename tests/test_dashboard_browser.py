@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from tests.conftest import make_tiny_model, synthetic_radiograph
+from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
 
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -91,6 +91,30 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
     for element_id in ("radiograph", "overlay"):  # both images decoded and shown
         width = browser.execute_script(f"return document.getElementById('{element_id}').naturalWidth")
         assert width == 96
+    assert not browser.find_element(By.ID, "dicom-report").is_displayed()  # a PNG has no study to report into
+
+
+def test_dicom_upload_offers_the_dicom_report(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    dicom = write_dicom(tmp_path / "hand.dcm", synthetic_radiograph(100, size=96).astype("uint16") * 16, PatientSex="M")
+    browser.get(server + "/")
+    browser.find_element(By.ID, "file").send_keys(str(dicom))
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert "from DICOM" in browser.find_element(By.ID, "sex-shown").text
+    button = browser.find_element(By.ID, "dicom-report")
+    assert button.is_displayed()
+    # what the button posts: the page's last form, answered with a DICOM file
+    status, kind = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/api/v1/report.dcm', {method: 'POST', body: lastForm})"
+        ".then(r => done([r.status, r.headers.get('content-type')]));"
+    )
+    assert (status, kind) == (200, "application/dicom")
+    button.click()
+    assert browser.find_element(By.ID, "error").text == ""
 
 
 def test_bad_upload_shows_the_server_message(server, browser, tmp_path):

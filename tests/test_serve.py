@@ -88,6 +88,34 @@ def test_dicom_tags_give_sex_and_age(client, tmp_path):
     assert override["sex"] == "M" and override["sex_source"] == "form"
 
 
+def test_dicom_report_files_into_the_upload_study(client, tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    path = write_dicom(
+        tmp_path / "d.dcm",
+        synthetic_radiograph(90).astype("uint16") * 16,
+        PatientSex="F",
+        PatientAge="008Y",
+        PatientID="P-9",
+        StudyInstanceUID=study,
+    )
+    upload = {"file": ("d.dcm", path.read_bytes(), "application/dicom")}
+    response = client.post("/api/v1/report.dcm", files=upload)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    report = pydicom.dcmread(io.BytesIO(response.content))
+    predicted = client.post("/api/v1/predict", files=upload).json()
+    assert report.StudyInstanceUID == study and report.PatientID == "P-9" and report.Modality == "OT"
+    assert f"Bone age {predicted['bone_age_months']:.1f} months" in report.ImageComments
+    assert f"SDS {predicted['sds']:+.2f}" in report.ImageComments
+    png = client.post("/api/v1/report.dcm", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "M"})
+    assert png.status_code == 415 and "DICOM upload" in png.json()["detail"]
+    unknown = write_dicom(tmp_path / "u.dcm", synthetic_radiograph(90).astype("uint16"))
+    no_sex = client.post("/api/v1/report.dcm", files={"file": ("u.dcm", unknown.read_bytes(), "application/dicom")})
+    assert no_sex.status_code == 422 and "sex unknown" in no_sex.json()["detail"]
+
+
 def big_png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("1", (width, height)).save(buffer, format="PNG")  # 1-bit: a small file with very many pixels

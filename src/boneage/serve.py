@@ -2,8 +2,9 @@
 
 ``GET /`` is a single page where a clinician uploads a radiograph (PNG, JPEG or DICOM), enters or confirms sex and
 chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the
-SDS and the call. ``POST /api/v1/predict`` does the same for other systems, ``GET /api/v1/health`` says whether the
-model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
+SDS and the call. ``POST /api/v1/predict`` does the same for other systems; ``POST /api/v1/report.dcm`` returns the
+report of a DICOM upload as a DICOM Secondary Capture in its study (:mod:`boneage.pacs`); ``GET /api/v1/health`` says
+whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
 
 Every prediction goes through :meth:`boneage.predict.Predictor.predict_files`, the code path of ``boneage predict``.
 Bad input gets a 4xx JSON ``{"detail": ...}``; an unexpected failure a 500 without a stack trace. The log holds a
@@ -97,8 +98,9 @@ class BoneAgeService:
             "interval_coverage": description.get("uncertainty", {}).get("evaluation", {}).get("coverage"),
         }
 
-    def predict(self, data: bytes, sex: str | None, age: str | None, gradcam: bool) -> dict[str, Any]:
-        """One upload -> the report dict. Raises InputError for anything the client must fix."""
+    def _read(self, path: Path, suffix: str, sex: str | None, age: str | None) -> dict[str, Any]:
+        """Sex and age from the form, else the DICOM header; then the prediction row (``predict_files``, under the
+        lock). Raises InputError for anything the client must fix."""
         male = None
         if sex is not None and sex.strip():
             male = parse_sex(sex.strip())
@@ -108,41 +110,47 @@ class BoneAgeService:
             chronological = parse_chronological_age(age, "chronological_age_months")
         except ValueError as err:
             raise InputError(422, str(err)) from None
+        header = dicom_patient_info(path) if suffix == ".dcm" else {"male": None, "age_months": None}
+        sex_source = "form" if male is not None else "dicom" if header["male"] is not None else None
+        male = male if male is not None else header["male"]
+        age_source = "form" if chronological is not None else None
+        if chronological is None and header["age_months"] is not None:
+            try:
+                chronological = parse_chronological_age(header["age_months"], "DICOM PatientAge")
+                age_source = "dicom"
+            except ValueError:
+                chronological = None  # an implausible header age is ignored, not used
+        if male is None:
+            raise InputError(422, "sex unknown: send sex=M or sex=F (the file carries no DICOM PatientSex)")
+        row = next(self.predictor.predict_files([path], [male], ages=[chronological]))
+        if row["status"] == "error":
+            message = row["message"].replace(str(path), "upload")
+            raise InputError(413 if "exceeds the limit" in message else 400, message)
+        row.update(sex_source=sex_source, age_source=age_source)
+        return row
+
+    def predict(self, data: bytes, sex: str | None, age: str | None, gradcam: bool) -> dict[str, Any]:
+        """One upload -> the report dict. Raises InputError for anything the client must fix."""
         suffix = _suffix_for(data)
         with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
             path = Path(folder) / f"upload{suffix}"
             path.write_bytes(data)
-            header = dicom_patient_info(path) if suffix == ".dcm" else {"male": None, "age_months": None}
-            sex_source = "form" if male is not None else "dicom" if header["male"] is not None else None
-            male = male if male is not None else header["male"]
-            age_source = "form" if chronological is not None else None
-            if chronological is None and header["age_months"] is not None:
-                try:
-                    chronological = parse_chronological_age(header["age_months"], "DICOM PatientAge")
-                    age_source = "dicom"
-                except ValueError:
-                    chronological = None  # an implausible header age is ignored, not used
-            if male is None:
-                raise InputError(422, "sex unknown: send sex=M or sex=F (the file carries no DICOM PatientSex)")
             with self.lock:
-                row = next(self.predictor.predict_files([path], [male], ages=[chronological]))
-                if row["status"] == "error":
-                    message = row["message"].replace(str(path), "upload")
-                    code = 413 if "exceeds the limit" in message else 400
-                    raise InputError(code, message)
+                row = self._read(path, suffix, sex, age)
                 if row["status"] == "not assessable":
                     raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
                 images = None
                 if gradcam and self.backend == "torch":
                     from boneage.explain import gradcam_overlay
 
-                    images = gradcam_overlay(self.predictor.model, self.predictor.contract, path, male)
+                    images = gradcam_overlay(self.predictor.model, self.predictor.contract, path, row["male"])
                 elif gradcam:  # onnxruntime has no gradients: show the radiograph alone
                     images = (_display_rgb(path), None)
         report = {k: row.get(k) for k in PREDICTION_COLUMNS if k not in ("id", "path")}  # every field, None if unknown
-        report.update(sex="M" if male else "F", sex_source=sex_source, age_source=age_source)
+        report.update(sex="M" if row["male"] else "F", sex_source=row["sex_source"], age_source=row["age_source"])
         report["sds_reference"] = REFERENCE if report.get("sds") is not None else None
         report["model"] = self.model_info
+        report["dicom_report_available"] = suffix == ".dcm"  # POST the same form to /api/v1/report.dcm
         if images is not None:
             report["image_png"] = _png_base64(images[0])
             if images[1] is None:
@@ -150,6 +158,27 @@ class BoneAgeService:
             else:
                 report["gradcam_png"] = _png_base64(images[1])
         return report
+
+    def dicom_report(self, data: bytes, sex: str | None, age: str | None) -> bytes:
+        """One DICOM upload -> its report as a DICOM Secondary Capture in the same study (:mod:`boneage.pacs`)."""
+        import pydicom
+
+        from boneage.pacs import render_report, report_dataset
+
+        if _suffix_for(data) != ".dcm":
+            raise InputError(415, "a DICOM report needs a DICOM upload (its patient and study to file the report into)")
+        with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
+            path = Path(folder) / "upload.dcm"
+            path.write_bytes(data)
+            with self.lock:
+                row = self._read(path, ".dcm", sex, age)
+            name = model_name(self.predictor.model_dir)
+            report = report_dataset(
+                pydicom.dcmread(path, stop_before_pixels=True), render_report(path, row, name), row, name
+            )
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
 
 
 def create_app(
@@ -159,7 +188,7 @@ def create_app(
     ``.onnx`` file). ``auto`` serves on PyTorch when it is installed (Grad-CAM overlays), else on onnxruntime."""
     try:
         from fastapi import FastAPI, File, Form, Request, UploadFile
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError as err:
         raise ImportError("boneage serve needs FastAPI: pip install 'boneage[serve]'") from err
 
@@ -236,6 +265,25 @@ def create_app(
             return service.predict(data, sex, chronological_age_months, gradcam)
         except ImageReadError as err:  # defensive: predict_files normally turns these into rows
             raise InputError(400, str(err)) from None
+
+    @app.post("/api/v1/report.dcm", response_class=Response)
+    def dicom_report(
+        file: Annotated[UploadFile, File(description="DICOM radiograph of the left hand")],
+        sex: Annotated[str | None, Form(description="M or F; DICOM PatientSex when omitted")] = None,
+        chronological_age_months: Annotated[
+            str | None, Form(description="months; DICOM PatientAge or birth/study dates when omitted")
+        ] = None,
+    ) -> Response:
+        """The report as a DICOM Secondary Capture (application/dicom) in the upload's patient and study, a new
+        series, to import into the PACS; an image that is not assessable gets a report saying so."""
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise InputError(413, f"upload too large: the limit is {max_upload_bytes:,} bytes")
+        if not data:
+            raise InputError(400, "empty upload: 'file' has no content")
+        content = service.dicom_report(data, sex, chronological_age_months)
+        headers = {"Content-Disposition": 'attachment; filename="bone-age-report.dcm"'}
+        return Response(content, media_type="application/dicom", headers=headers)
 
     return app
 
