@@ -26,7 +26,8 @@ import numpy as np
 
 from boneage import __version__
 from boneage.imageio import dicom_patient_info, read_image
-from boneage.runtime import PREDICTION_COLUMNS, model_name
+from boneage.runtime import PREDICTION_COLUMNS
+from boneage.runtime import model_name as name_of_model
 
 logger = logging.getLogger("boneage.pacs")
 
@@ -249,7 +250,7 @@ class Listener:
         self.output = Path(output)
         self.ae_title = ae_title
         self.destination = destination
-        self.model_name = model_name(predictor.model_dir)
+        self.model_name = name_of_model(predictor.model_dir)
         for name in ("received", "reports"):
             (self.output / name).mkdir(parents=True, exist_ok=True)
         self.results = self.output / "results.csv"
