@@ -239,6 +239,14 @@ def create_app(
     def dashboard() -> str:
         return (resources.files("boneage") / "static" / "dashboard.html").read_text(encoding="utf-8")
 
+    def read_upload(file: Any) -> bytes:
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise InputError(413, f"upload too large: the limit is {max_upload_bytes:,} bytes")
+        if not data:
+            raise InputError(400, "empty upload: 'file' has no content")
+        return data
+
     @app.get("/api/v1/health")
     def health() -> dict[str, Any]:
         """Liveness and the loaded model."""
@@ -256,11 +264,7 @@ def create_app(
         ] = False,
     ) -> dict[str, Any]:
         """Bone age (months), 90% interval, stage; with a chronological age also BA - CA, SDS and the call."""
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise InputError(413, f"upload too large: the limit is {max_upload_bytes:,} bytes")
-        if not data:
-            raise InputError(400, "empty upload: 'file' has no content")
+        data = read_upload(file)
         try:
             return service.predict(data, sex, chronological_age_months, gradcam)
         except ImageReadError as err:  # defensive: predict_files normally turns these into rows
@@ -276,11 +280,7 @@ def create_app(
     ) -> Response:
         """The report as a DICOM Secondary Capture (application/dicom) in the upload's patient and study, a new
         series, to import into the PACS; an image that is not assessable gets a report saying so."""
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise InputError(413, f"upload too large: the limit is {max_upload_bytes:,} bytes")
-        if not data:
-            raise InputError(400, "empty upload: 'file' has no content")
+        data = read_upload(file)
         content = service.dicom_report(data, sex, chronological_age_months)
         headers = {"Content-Disposition": 'attachment; filename="bone-age-report.dcm"'}
         return Response(content, media_type="application/dicom", headers=headers)
