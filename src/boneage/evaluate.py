@@ -136,6 +136,19 @@ def _stage_index(values: pd.Series) -> np.ndarray:
     return np.array(indices)
 
 
+def _errors_by_stage(error: np.ndarray, true_stage: np.ndarray) -> dict[str, dict[str, Any]]:
+    """n, MAE and mean signed error of ``error`` (predicted - reference) for each reference stage present."""
+    return {
+        name: {
+            "n": int((true_stage == i).sum()),
+            "mae_months": float(np.abs(error[true_stage == i]).mean()),
+            "mean_signed_error_months": float(error[true_stage == i].mean()),
+        }
+        for i, name in enumerate(STAGE_NAMES)
+        if (true_stage == i).any()
+    }
+
+
 def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
     """Metrics for a frame with ``boneage``, ``male`` and ``bone_age_months`` and/or ``stage`` (predicted)."""
     metrics: dict[str, Any] = {}
@@ -160,26 +173,11 @@ def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
             if matched is not None:
                 by_sex["age_matched"] = matched
         metrics["by_sex"] = by_sex
+        error, male = predicted - truth, joined["male"].to_numpy(dtype=bool)
+        metrics["by_stage"] = _errors_by_stage(error, true_stage)
         metrics["by_sex_and_stage"] = {
-            sex_name: {
-                name: {
-                    "n": int(mask.sum()),
-                    "mae_months": float(np.abs(predicted - truth)[mask].mean()),
-                    "mean_signed_error_months": float((predicted - truth)[mask].mean()),
-                }
-                for i, name in enumerate(STAGE_NAMES)
-                if (mask := (true_stage == i) & (joined["male"].to_numpy(dtype=bool) == is_male)).any()
-            }
+            sex_name: _errors_by_stage(error[male == is_male], true_stage[male == is_male])
             for sex_name, is_male in (("male", True), ("female", False))
-        }
-        metrics["by_stage"] = {
-            name: {
-                "n": int((true_stage == i).sum()),
-                "mae_months": float(np.abs(predicted - truth)[true_stage == i].mean()),
-                "mean_signed_error_months": float((predicted - truth)[true_stage == i].mean()),
-            }
-            for i, name in enumerate(STAGE_NAMES)
-            if (true_stage == i).any()
         }
     # The classifier's stages: a separate column (from --stage-predictions), or the file's own `stage` column
     # when the file holds no bone ages (a classifier's prediction file). A regressor's `stage` column is only its
