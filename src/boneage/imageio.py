@@ -145,6 +145,11 @@ def dicom_patient_info(path: str | Path) -> dict[str, Any]:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # an unreadable header is reported when the pixels are read
         return {"male": None, "age_months": None}
+    return header_patient_info(header)
+
+
+def header_patient_info(header: Any) -> dict[str, Any]:
+    """:func:`dicom_patient_info` of a DICOM header already read (a pydicom Dataset)."""
     sex = str(header.get("PatientSex", "")).strip().upper()
     male = True if sex == "M" else False if sex == "F" else None
     age_months = None

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from boneage import __version__
-from boneage.imageio import dicom_patient_info, read_image
+from boneage.imageio import header_patient_info, read_image
 from boneage.runtime import PREDICTION_COLUMNS
 from boneage.runtime import model_name as name_of_model
 
@@ -337,9 +337,9 @@ class Listener:
         import pydicom
 
         started = time.perf_counter()
-        header = dicom_patient_info(path)
+        source = pydicom.dcmread(path, stop_before_pixels=True)  # the header, read once: sex, age, study
+        header = header_patient_info(source)
         row = next(self.predictor.predict_files([path], [header["male"]], ages=[_plausible_age(header)]))
-        source = pydicom.dcmread(path, stop_before_pixels=True)
         row["sop_instance_uid"] = str(source.SOPInstanceUID)
         row["report"], row["sent"] = "", ""
         if row["status"] in ("ok", "not assessable"):
