@@ -75,6 +75,20 @@ def test_report_files_into_the_source_study_as_a_new_series(tmp_path):
     assert back.BurnedInAnnotation == "NO" and "Doe" not in " ".join(findings(OK_ROW))
 
 
+def test_a_refused_image_report_says_why():
+    def lines(message: str) -> str:
+        return " ".join(findings({"status": "not assessable", "message": message}))
+
+    assert "does not look like the hand" in lines("/a/x.dcm: does not look like the hand radiographs (score 9.0 > 3.1)")
+    from boneage.presentation import inverted_message, turned_message
+
+    inverted = lines(inverted_message("/a/x.dcm", 2.1, 1.3))
+    assert inverted.startswith("NOT ASSESSABLE The image looks inverted;") and "with bone bright" in inverted
+    turned = lines(turned_message("/a/x.dcm", 2, 1.6, 0.5))
+    assert "looks upside down" in turned and "upright, fingers up" in turned and "score" not in turned
+    assert "clockwise;" in lines(turned_message("/a/x.dcm", 3, 1.6, 0.5))
+
+
 def test_report_of_a_file_without_a_study_gets_its_own_study(tmp_path):
     bare = write_dicom(tmp_path / "bare.dcm", synthetic_radiograph(60).astype("uint16"))
     source = pydicom.dcmread(bare)

@@ -9,9 +9,10 @@ Predicts the seed split's val images with the fp32 weights and with the stored d
 `boneage.evaluate`, and records both in config.json (``metrics.val``, ``metrics.val_fp32``) so the cost of reduced
 precision is visible. With ``--correct``, a per-sex linear correction of the output (``truth ~ slope * prediction +
 intercept``) is fit on the model's predictions for its own training images (never val) and stored in config.json;
-both backends apply it. With ``--tta``, the model predicts the average of each image and its mirror by default
-(``output.tta_hflip``), and every metric, the correction and the interval are measured that way. The folder gets
-``model.onnx`` (``boneage export --attach``) last.
+both backends apply it. The refusal check and the checks for inverted and turned images (``boneage.presentation``)
+are fit and measured as in ``tools/fit_presentation.py``. With ``--tta``, the model predicts the average of each image
+and its mirror by default (``output.tta_hflip``), and every metric, the correction and the interval are measured that
+way. The folder gets ``model.onnx`` (``boneage export --attach``) last.
 
 Val is the split the best epoch was selected on: these are selection metrics, not a test
 result (the seed's holdout, withheld from this project, scores the shipped model independently).
@@ -32,8 +33,10 @@ from boneage.data import read_labels, read_split
 from boneage.evaluate import evaluate, headline
 from boneage.model import combine_model_folders, contract_from_description, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
+from boneage.presentation import fit_for_model as fit_presentation
+from boneage.presentation import measure as measure_presentation
 from boneage.quality import fit_for_model, write_non_hand_images
-from boneage.runtime import DEFAULT_MODEL
+from boneage.runtime import DEFAULT_MODEL, load_predictor
 from boneage.uncertainty import calibrate_interval, store_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,9 +195,23 @@ def main() -> None:
             table[table["split"] == "val"],
             write_non_hand_images(tmp / "non_hand"),
         )
+        # inverted and turned radiographs: statistics fit on train, the whole checks measured on val
+        presentation = fit_presentation(
+            building, table[table["split"] == "train"], table[table["split"] == "val"], backend="torch"
+        )
         # the full-resolution samples through the finished folder, refusal check included
         full = {}
         if FULLRES.is_dir():
+            labels = pd.read_csv(FULLRES / "labels.csv")
+            measured = measure_presentation(
+                load_predictor(building, "torch"),
+                [FULLRES / "images" / f"{i}.png" for i in labels["id"]],
+                labels["male"],
+                labels["boneage"],
+                presentation,
+            )
+            for key, value in measured.items():
+                _update(building, key, fullres_samples=value)
             predictions = predict_fullres(building, tmp / "full.csv")
             full = headline(evaluate(predictions, FULLRES / "labels.csv", figures=False))
             full["n_not_assessable"] = int((pd.read_csv(predictions)["status"] == "not assessable").sum())
@@ -217,6 +234,7 @@ def main() -> None:
                 "onnx": onnx_report,
                 "interval": interval,
                 "assessability": assessability,
+                "presentation": presentation,
             },
             indent=2,
         )

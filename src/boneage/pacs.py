@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import logging
 import queue
+import re
+import textwrap
 import threading
 import time
 from datetime import datetime
@@ -65,6 +67,12 @@ TYPE2_TAGS += ("AccessionNumber", "ReferringPhysicianName")
 def findings(row: dict[str, Any]) -> list[str]:
     """The report's lines for one prediction row (no patient identifiers)."""
     if row.get("status") == "not assessable":
+        presented = re.search(r": looks ([^;(:]+)", str(row.get("message", "")))  # inverted or turned
+        if presented:
+            how = presented.group(1).strip()
+            fix = "with bone bright" if how.startswith("inverted") else "upright, fingers up"
+            reason = f"The image looks {how}; no bone age is given. Send it again {fix}."
+            return ["NOT ASSESSABLE", *textwrap.wrap(reason, 38)]
         return [
             "NOT ASSESSABLE",
             "The image does not look like the hand",

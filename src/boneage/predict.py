@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from boneage.config import DataConfig
 from boneage.data import ImageReadError, preprocess, stage_of
 from boneage.model import CONFIG_FILE, BoneAgeEnsemble, BoneAgeNet, contract_from_description, load_model_folder
+from boneage.presentation import check as check_presentation
 from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts of prediction live in runtime
     DEFAULT_MODEL,
     IMAGE_SUFFIXES,
@@ -30,9 +32,11 @@ from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts 
     format_age,
     new_row,
     predict_paths,
+    presentation_checks,
     read_metadata,
     resolve_ages,
     resolve_sexes,
+    row_checks,
     tta_default,
 )
 
@@ -83,6 +87,7 @@ class Predictor:
         from boneage.quality import Assessability
 
         self.assessability = Assessability.load(model_dir, description)
+        self.presentation = presentation_checks(description) if self.assessability is not None else None
         # average with the mirrored image by default when the folder says so; callers may override
         self.tta_hflip = tta_default(description, Path(model_dir) / CONFIG_FILE)
 
@@ -120,15 +125,34 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """(B, C, S, S) preprocessed images and (B,) sex -> months (NaN for a classifier), stage, score (or None)."""
+        """(B, C, S, S) preprocessed images and (B,) sex -> months (NaN for a classifier), stage, score (or None)
+        and, with the presentation checks, inverted / turns and the corrected images' scores
+        (:func:`boneage.presentation.check`)."""
         output, score = self.forward_with_score(images, male)
         output = output.float()
+        checks: dict[str, Any] = {"score": score}
+        if self.presentation and score is not None:
+
+            def corrected_scores(mask: np.ndarray, transform: Any) -> np.ndarray:
+                index = torch.from_numpy(np.flatnonzero(mask)).to(images.device)
+                scored = self.forward_with_score(transform(images[index]), male[index])[1]
+                return scored.float().cpu().numpy()  # type: ignore[union-attr]
+
+            checks.update(
+                check_presentation(
+                    images.float().cpu().numpy(),
+                    score.float().cpu().numpy(),
+                    self.presentation,
+                    self.contract,
+                    corrected_scores,
+                )
+            )
         if self.tta_hflip:
             output = 0.5 * (output + self.forward(images.flip(-1), male).float())
         if self.task == "regression":
             output = correct_months(output, male.to(output.device), self.description).float()
-            return {"months": output, "stage": stage_of(output), "score": score}
-        return {"months": torch.full((len(images),), float("nan")), "stage": output.argmax(dim=1), "score": score}
+            return {"months": output, "stage": stage_of(output), **checks}
+        return {"months": torch.full((len(images),), float("nan")), "stage": output.argmax(dim=1), **checks}
 
     def predict_tensor(self, images: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, S, S) preprocessed images and (B,) sex -> (bone age months or NaN, stage index)."""
@@ -163,17 +187,18 @@ class Predictor:
                     images = torch.stack([item.image for item in ready])  # type: ignore[misc]
                     male = torch.tensor([int(bool(sexes[item.index])) for item in ready])
                     result = self.predict_batch(images, male)
-                    months, stages, scores = result["months"], result["stage"], result["score"]
                     threshold = self.assessability.threshold if self.assessability is not None else None
-                    for k, (item, age, stage) in enumerate(zip(ready, months.tolist(), stages.tolist())):
+                    for k, (item, age, stage) in enumerate(
+                        zip(ready, result["months"].tolist(), result["stage"].tolist())
+                    ):
                         finish_row(
                             rows[item.index],
                             age,
                             stage,
-                            float(scores[k]) if scores is not None else None,
-                            threshold,
-                            self.half_width,
-                            ages[item.index] if ages is not None else None,
+                            threshold=threshold,
+                            half_width=self.half_width,
+                            chronological_age=ages[item.index] if ages is not None else None,
+                            **row_checks(result, k),
                         )
                 for index in sorted(rows):
                     yield rows[index]

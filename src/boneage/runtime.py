@@ -27,6 +27,8 @@ import numpy as np
 from boneage.clinical import compare_ages, parse_chronological_age
 from boneage.config import BoneAgeError, contract_from_description
 from boneage.imageio import STAGE_NAMES, ImageReadError, dicom_patient_info, parse_sex, preprocess_array, stage_index
+from boneage.presentation import check as check_presentation
+from boneage.presentation import inverted_message, turned_message
 
 logger = logging.getLogger(__name__)
 
@@ -188,17 +190,51 @@ def new_row(path: Path, male: bool | None, error: str | None = None) -> dict[str
     return row
 
 
+def row_checks(result: dict[str, Any], k: int) -> dict[str, Any]:
+    """Image ``k``'s refusal score and presentation calls (inverted, quarter turns, the corrected image's score) from
+    a ``predict_batch`` result (either backend), as :func:`finish_row` keywords."""
+
+    def value(name: str) -> float | None:
+        values = result.get(name)
+        return None if values is None or values[k] != values[k] else float(values[k])  # None also for NaN
+
+    return {
+        "score": value("score"),
+        "inverted": result.get("inverted") is not None and bool(result["inverted"][k]),
+        "inverse_score": value("inverse_score"),
+        "turns": int(result["turns"][k]) if result.get("turns") is not None else 0,
+        "turned_score": value("turned_score"),
+    }
+
+
+def presentation_checks(description: dict[str, Any]) -> dict[str, Any] | None:
+    """The model folder's inverted-image and orientation checks (``config.json``), or None when it has neither."""
+    checks = {key: description[key] for key in ("polarity", "orientation") if description.get(key)}
+    return checks or None
+
+
 def finish_row(
     row: dict[str, Any],
     months: float,
     stage: int,
-    score: float | None,
-    threshold: float | None,
-    half_width: float | None,
-    chronological_age: float | None,
+    score: float | None = None,
+    threshold: float | None = None,
+    half_width: float | None = None,
+    chronological_age: float | None = None,
+    inverted: bool = False,
+    inverse_score: float | None = None,
+    turns: int = 0,
+    turned_score: float | None = None,
 ) -> None:
-    """Fill a predicted row: refusal when the assessability score is over its threshold, else bone age, interval,
-    stage and, with a chronological age, BA - CA, SDS and the call."""
+    """Fill a predicted row: refusal when the image looks inverted or turned (:mod:`boneage.presentation`) or its
+    assessability score is over its threshold, else bone age, interval, stage and, with a chronological age,
+    BA - CA, SDS and the call."""
+    if inverted:
+        row.update(status="not assessable", message=inverted_message(row["path"], score, inverse_score))
+        return
+    if turns:
+        row.update(status="not assessable", message=turned_message(row["path"], turns, score, turned_score))
+        return
     if score is not None and threshold is not None and score > threshold:
         row.update(
             status="not assessable",
@@ -286,6 +322,7 @@ class OnnxPredictor:
         self.output_names = [o.name for o in self.session.get_outputs()]
         info = self.description.get("assessability") or {}
         self.threshold = float(info["threshold"]) if "score" in self.output_names and info else None
+        self.presentation = presentation_checks(self.description) if self.threshold is not None else None
         self.tta_hflip = tta_default(self.description, path)  # average with the mirrored image; callers may override
 
     @property
@@ -300,14 +337,27 @@ class OnnxPredictor:
         return named["output"].astype(np.float32), named.get("score")
 
     def predict_batch(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray | None]:
-        """(B, C, S, S) preprocessed images and (B,) sex -> months (NaN for a classifier), stage, score (or None)."""
+        """(B, C, S, S) preprocessed images and (B,) sex -> months (NaN for a classifier), stage, score (or None)
+        and, with the presentation checks, inverted / turns and the corrected images' scores
+        (:func:`boneage.presentation.check`)."""
         output, score = self._run(images, male)
+        checks: dict[str, np.ndarray | None] = {"score": score}
+        if self.presentation and score is not None:
+            checks.update(
+                check_presentation(
+                    images,
+                    score,
+                    self.presentation,
+                    self.contract,
+                    lambda mask, transform: self._run(np.ascontiguousarray(transform(images[mask])), male[mask])[1],
+                )
+            )
         if self.tta_hflip:
             output = 0.5 * (output + self._run(images[..., ::-1], male)[0])
         if self.task == "regression":
             output = correct_months(output, male, self.description).astype(np.float32)
-            return {"months": output, "stage": stage_index(output), "score": score}
-        return {"months": np.full(len(images), np.nan, np.float32), "stage": output.argmax(axis=1), "score": score}
+            return {"months": output, "stage": stage_index(output), **checks}
+        return {"months": np.full(len(images), np.nan, np.float32), "stage": output.argmax(axis=1), **checks}
 
     def _load(self, path: Path) -> tuple[np.ndarray | None, str | None]:
         try:
@@ -348,15 +398,14 @@ class OnnxPredictor:
                         male = np.asarray([int(bool(sexes[i])) for i, _ in ready])
                         result = self.predict_batch(images, male)
                         for k2, (i, _) in enumerate(ready):
-                            score = result["score"]
                             finish_row(
                                 rows[i],
                                 float(result["months"][k2]),
                                 int(result["stage"][k2]),
-                                float(score[k2]) if score is not None else None,
-                                self.threshold,
-                                self.half_width,
-                                ages[i] if ages is not None else None,
+                                threshold=self.threshold,
+                                half_width=self.half_width,
+                                chronological_age=ages[i] if ages is not None else None,
+                                **row_checks(result, k2),
                             )
                     yield from (rows[i] for i in batch)
                     bar.update(len(batch))
