@@ -128,3 +128,25 @@ def test_bad_upload_shows_the_server_message(server, browser, tmp_path):
     _wait_for(browser, lambda d: d.find_element(By.ID, "error").text)
     assert "unsupported file type" in browser.find_element(By.ID, "error").text
     assert browser.find_element(By.ID, "report").get_attribute("hidden") is not None  # no result shown
+
+
+def test_a_failed_upload_after_a_result_clears_that_result(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    good, bad = tmp_path / "hand.png", tmp_path / "notes.png"
+    Image.fromarray(synthetic_radiograph(120, size=96)).save(good)
+    bad.write_text("not an image")
+    browser.get(server + "/")
+    assert not browser.find_element(By.ID, "images").is_displayed()  # no empty image frames before an upload
+    browser.find_element(By.ID, "file").send_keys(str(good))
+    Select(browser.find_element(By.ID, "sex")).select_by_value("F")
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "report").is_displayed()
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "error").text)
+    for element in ("report", "images", "dicom-report"):
+        assert not browser.find_element(By.ID, element).is_displayed(), element
+    assert "No result for notes.png" in browser.find_element(By.ID, "empty").text
