@@ -38,6 +38,15 @@ def test_compare_ages_sds_and_call():
     assert normal["sds"] == pytest.approx(2.0) and normal["call"] == "normal"
     outside = compare_ages(230.0, 220.0, male=True)
     assert outside["sds"] is None and outside["call"] is None and "outside the reference" in outside["clinical_note"]
+    assert advanced["clinical_note"] == normal["clinical_note"] == ""
+
+
+def test_an_implausible_sds_is_kept_and_flagged():
+    years_typed_as_months = compare_ages(144.0, 12.0, male=False)  # a 12-year-old entered as "12"
+    assert years_typed_as_months["call"] == "advanced" and years_typed_as_months["sds"] > 4
+    assert "check the chronological age (12 months = 1y 0m) and the sex" in years_typed_as_months["clinical_note"]
+    assert compare_ages(120.0 - 4.2 * 9.79, 120.0, male=True)["clinical_note"].startswith("|SDS| over 4 is rare")
+    assert compare_ages(120.0 - 3.9 * 9.79, 120.0, male=True)["clinical_note"] == ""
 
 
 @pytest.mark.parametrize("bad", ["abc", "-1", "241", "nan", "inf"])

@@ -22,6 +22,7 @@ import numpy as np
 
 REFERENCE = "Greulich & Pyle (1959), Brush Foundation standard deviations"
 SDS_LIMIT = 2.0
+IMPLAUSIBLE_SDS = 4.0  # beyond this the result is kept but flagged: often an age in years or a wrong sex
 
 # chronological age (months) -> SD of skeletal age (months)
 _AGES_MALE = (3, 6, 9, 12, 18, 24, 30, 36, 42, 48, 54, 60, 72, 84, 96, 108, 120, 132, 144, 156, 168, 180, 192, 204)
@@ -65,7 +66,8 @@ def parse_chronological_age(value: Any, source: str = "chronological age") -> fl
 def compare_ages(bone_age_months: float, chronological_age_months: float, male: bool) -> dict[str, Any]:
     """``ba_minus_ca_months``, ``sds`` and ``call`` (delayed / normal / advanced) for one child.
 
-    Outside the reference ages ``sds`` and ``call`` are None and ``clinical_note`` says why.
+    Outside the reference ages ``sds`` and ``call`` are None and ``clinical_note`` says why; an |SDS| over
+    ``IMPLAUSIBLE_SDS`` is kept and ``clinical_note`` asks for the age and sex to be checked.
 
     Example:
         >>> compare_ages(100.0, 120.0, male=True)["call"]
@@ -94,4 +96,10 @@ def compare_ages(bone_age_months: float, chronological_age_months: float, male: 
         sds=round(sds, 2),
         call="delayed" if sds < -SDS_LIMIT else "advanced" if sds > SDS_LIMIT else "normal",
     )
+    if abs(sds) > IMPLAUSIBLE_SDS:
+        years, rest = divmod(round(chronological_age_months), 12)
+        result["clinical_note"] = (
+            f"|SDS| over {IMPLAUSIBLE_SDS:g} is rare: check the chronological age ({chronological_age_months:g} "
+            f"months = {years}y {rest}m) and the sex"
+        )
     return result

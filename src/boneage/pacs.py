@@ -92,8 +92,8 @@ def findings(row: dict[str, Any]) -> list[str]:
             lines.append(f"BA - CA {row['ba_minus_ca_months']:+.1f} months")
         if row.get("sds") is not None:
             lines.append(f"SDS {row['sds']:+.2f} ({row['call']})")
-        elif row.get("message"):
-            lines.append(str(row["message"])[:80])
+        if row.get("message"):  # why there is no SDS, or a check the SDS asks for
+            lines.extend(textwrap.wrap(str(row["message"]), 38)[:4])
     return lines
 
 
