@@ -116,6 +116,10 @@ def test_an_inverted_row_is_refused_with_the_reason():
     row = new_row(Path("x.png"), True)
     finish_row(row, 120.0, 2, score=2.0, threshold=3.1, half_width=17.0, turns=3, turned_score=0.8)
     assert row["status"] == "not assessable" and "looks turned 90 degrees clockwise" in row["message"]
+    row = new_row(Path("x.png"), True)  # turned, but not readable turned back either: no advice to turn it
+    finish_row(row, 120.0, 2, score=9.0, threshold=3.1, half_width=17.0, turns=2, turned_score=5.0)
+    assert row["status"] == "not assessable" and "looks" not in row["message"]
+    assert "does not look like the hand radiographs" in row["message"] and "turned back 5.0" in row["message"]
 
 
 def test_check_is_fit_stored_and_applied_by_both_backends(tmp_path):

@@ -229,6 +229,16 @@ def finish_row(
     """Fill a predicted row: refusal when the image looks inverted or turned (:mod:`boneage.presentation`) or its
     assessability score is over its threshold, else bone age, interval, stage and, with a chronological age,
     BA - CA, SDS and the call."""
+    corrected = inverse_score if inverted else turned_score if turns else None
+    if corrected is not None and threshold is not None and corrected > threshold:
+        # wrongly presented, but not readable corrected either: saying how to correct it would not help
+        how = "inverted" if inverted else "turned back"
+        row.update(
+            status="not assessable",
+            message=f"{row['path']}: does not look like the hand radiographs the model knows "
+            f"(score {score:.1f}, {how} {corrected:.1f}; the limit is {threshold:.1f})",
+        )
+        return
     if inverted:
         row.update(status="not assessable", message=inverted_message(row["path"], score, inverse_score))
         return
