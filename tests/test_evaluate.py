@@ -61,6 +61,8 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     preds, labels = files
     metrics = evaluate(preds, labels, tmp_path / "out")
     assert metrics["n_scored"] == 4 and metrics["n_failed"] == 1 and metrics["failed_ids"] == ["5"]
+    assert metrics["n_failed_by_status"] == {"error": 1}
+    assert "Scored: 4  not scored: 1 (1 error)" in (tmp_path / "out" / "report.txt").read_text()
     assert metrics["regression"]["mae_months"] == pytest.approx((6 + 6 + 0 + 10) / 4)
     male, female = metrics["by_sex"]["male"], metrics["by_sex"]["female"]
     assert (male["n"], male["mae_months"], male["mean_signed_error_months"]) == (2, 6.0, 0.0)

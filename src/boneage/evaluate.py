@@ -243,6 +243,7 @@ def evaluate(
         "labels": str(labels),
         "n_scored": int(len(joined)),
         "n_failed": int(len(failed)),
+        "n_failed_by_status": {str(k): int(v) for k, v in failed["status"].value_counts().items()},
         "failed_ids": failed["id"].tolist()[:100],
         **compute_metrics(joined),
     }
@@ -274,12 +275,18 @@ def headline(metrics: dict[str, Any], digits: int = 3) -> dict[str, Any]:
     return row
 
 
+def not_scored_note(metrics: dict[str, Any]) -> str:
+    """`` (16 not assessable, 2 error)``: why the predictions that were not scored failed; empty when none did."""
+    counts = metrics.get("n_failed_by_status") or {}
+    return f" ({', '.join(f'{n} {status}' for status, n in counts.items())})" if counts else ""
+
+
 def format_report(metrics: dict[str, Any]) -> str:
     """A readable text report of :func:`evaluate`'s metrics."""
     lines = [
         f"Predictions: {metrics['predictions']}",
         f"Labels: {metrics['labels']}",
-        f"Scored: {metrics['n_scored']}  failed: {metrics['n_failed']}",
+        f"Scored: {metrics['n_scored']}  not scored: {metrics['n_failed']}{not_scored_note(metrics)}",
         "",
     ]
     reg = metrics.get("regression")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from boneage.data import STAGE_NAMES
+from boneage.evaluate import not_scored_note
 
 
 def _pyplot() -> Any:
@@ -231,7 +232,7 @@ def write_html(
 pre{{background:#f6f6f6;padding:1em;overflow-x:auto}} img{{max-width:100%}} figure{{margin:1.5em 0}}</style>
 </head><body>
 <h1>boneage evaluation</h1>
-<p>{metrics.get("n_scored")} images scored, {metrics.get("n_failed")} failed.</p>
+<p>{metrics.get("n_scored")} images scored, {metrics.get("n_failed")} not scored{not_scored_note(metrics)}.</p>
 {notes_html}
 <pre>{html.escape(text_report)}</pre>
 {images}
