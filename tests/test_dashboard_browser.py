@@ -29,11 +29,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from boneage.serve import create_app
-
-    app = create_app(make_tiny_model(tmp_path_factory.mktemp("browser") / "model"))
+def _serve(app):
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
@@ -46,6 +42,22 @@ def server(tmp_path_factory):
     yield f"http://127.0.0.1:{port}"
     instance.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from boneage.serve import create_app
+
+    yield from _serve(create_app(make_tiny_model(tmp_path_factory.mktemp("browser") / "model")))
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    """The shipped model, which refuses images (the tiny test model has no refusal check)."""
+    pytest.importorskip("onnxruntime")
+    from boneage.serve import create_app
+
+    yield from _serve(create_app(backend="onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +162,22 @@ def test_a_failed_upload_after_a_result_clears_that_result(server, browser, tmp_
     for element in ("report", "images", "dicom-report"):
         assert not browser.find_element(By.ID, element).is_displayed(), element
     assert "No result for notes.png" in browser.find_element(By.ID, "empty").text
+
+
+def test_a_refused_upload_is_shown_as_uploaded(shipped_server, browser, tmp_path):
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 240), 128, dtype=np.uint8)).save(blank)  # a blank film: refused
+    browser.get(shipped_server + "/")
+    browser.find_element(By.ID, "file").send_keys(str(blank))
+    Select(browser.find_element(By.ID, "sex")).select_by_value("M")
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text.startswith("not assessable")
+    assert not browser.find_element(By.ID, "report").is_displayed()
+    assert browser.find_element(By.ID, "images").is_displayed()
+    assert not browser.find_element(By.ID, "overlay").is_displayed()
+    _wait_for(browser, lambda d: d.execute_script("return document.getElementById('radiograph').naturalWidth") == 240)
