@@ -129,7 +129,7 @@ def test_check_is_fit_stored_and_applied_by_both_backends(tmp_path):
     from boneage.export import attach_onnx
     from boneage.predict import predict_paths
     from boneage.presentation import fit_for_model as fit_presentation
-    from boneage.presentation import measure
+    from boneage.presentation import measure, measure_into_folder
     from boneage.quality import fit_for_model, write_non_hand_images
     from tests.conftest import make_tiny_model, write_rsna_folder
 
@@ -164,6 +164,9 @@ def test_check_is_fit_stored_and_applied_by_both_backends(tmp_path):
         == summary["orientation"]["as_given_called_turned"]
     )
     assert turned[12:].any(), "no turned image was called turned: the check did not run"
+    more = measure_into_folder(folder, table["path"][:4], [1] * 4, table["boneage"][:4], "more", backend="torch")
+    stored = json.loads((folder / "config.json").read_text())
+    assert stored["polarity"]["more"] == more["polarity"] and stored["orientation"]["more"]["n_turned"] == 12
     attach_onnx(folder)
     on_onnx = predict_paths(paths, tmp_path / "o.csv", model_dir=folder, sex="F", progress=False, backend="onnx")
     assert on_onnx["status"].tolist() == rows["status"].tolist()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from boneage.data import read_labels, read_split
-from boneage.presentation import fit_for_model, measure
-from boneage.runtime import default_model_dir, load_predictor
+from boneage.presentation import fit_for_model, measure_into_folder
+from boneage.runtime import default_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
@@ -46,13 +46,11 @@ def main() -> None:
     if (args.fullres / "labels.csv").is_file():
         labels = pd.read_csv(args.fullres / "labels.csv")
         paths = [args.fullres / "images" / f"{i}.png" for i in labels["id"]]
-        predictor = load_predictor(model_dir, args.backend)
-        measured = measure(predictor, paths, labels["male"], labels["boneage"], checks)
-        config = Path(model_dir) / "config.json"
-        description = json.loads(config.read_text())
+        measured = measure_into_folder(
+            model_dir, paths, labels["male"], labels["boneage"], "fullres_samples", args.backend
+        )
         for key, value in measured.items():
-            checks[key]["fullres_samples"] = description[key]["fullres_samples"] = value
-        config.write_text(json.dumps(description, indent=2))
+            checks[key]["fullres_samples"] = value
     print(
         json.dumps(
             {k: {f: v for f, v in c.items() if f not in ("weights", "bias")} for k, c in checks.items()}, indent=2

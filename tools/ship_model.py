@@ -34,9 +34,9 @@ from boneage.evaluate import evaluate, headline
 from boneage.model import combine_model_folders, contract_from_description, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
 from boneage.presentation import fit_for_model as fit_presentation
-from boneage.presentation import measure as measure_presentation
+from boneage.presentation import measure_into_folder as measure_presentation
 from boneage.quality import fit_for_model, write_non_hand_images
-from boneage.runtime import DEFAULT_MODEL, load_predictor
+from boneage.runtime import DEFAULT_MODEL
 from boneage.uncertainty import calibrate_interval, store_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,15 +203,8 @@ def main() -> None:
         full = {}
         if FULLRES.is_dir():
             labels = pd.read_csv(FULLRES / "labels.csv")
-            measured = measure_presentation(
-                load_predictor(building, "torch"),
-                [FULLRES / "images" / f"{i}.png" for i in labels["id"]],
-                labels["male"],
-                labels["boneage"],
-                presentation,
-            )
-            for key, value in measured.items():
-                _update(building, key, fullres_samples=value)
+            paths = [FULLRES / "images" / f"{i}.png" for i in labels["id"]]
+            measure_presentation(building, paths, labels["male"], labels["boneage"], "fullres_samples", "torch")
             predictions = predict_fullres(building, tmp / "full.csv")
             full = headline(evaluate(predictions, FULLRES / "labels.csv", figures=False))
             full["n_not_assessable"] = int((pd.read_csv(predictions)["status"] == "not assessable").sum())

@@ -325,9 +325,6 @@ def fit_for_model(
     """Fit the statistics on train images (with their negatives and turned copies), measure both checks on val and
     store them in the model folder's ``config.json`` (``polarity``, ``orientation``). The folder needs its refusal
     check (:func:`boneage.quality.fit_for_model`) first. Returns what was stored."""
-    import json
-    from pathlib import Path
-
     from boneage.runtime import load_predictor
 
     predictor = load_predictor(model_dir, backend)
@@ -355,11 +352,37 @@ def fit_for_model(
     checks = {"polarity": polarity, "orientation": orientation}
     measured = measure(predictor, val_table["path"], val_table["male"], val_table["boneage"], checks, batch_size)
     polarity["val"], orientation["val"] = measured["polarity"], measured["orientation"]
+    _update_config(model_dir, lambda description: description.update(checks))
+    return checks
+
+
+def measure_into_folder(
+    model_dir: Any, paths: Any, male: Any, months: Any, name: str, backend: str = "auto"
+) -> dict[str, Any]:
+    """:func:`measure` the folder's own checks on more images (e.g. full-resolution samples) and store the result in
+    its ``config.json`` as ``polarity.<name>`` and ``orientation.<name>``. Returns what was stored."""
+    from boneage.runtime import load_predictor
+
+    predictor = load_predictor(model_dir, backend)
+    checks = {key: predictor.description[key] for key in ("polarity", "orientation")}
+    measured = measure(predictor, paths, male, months, checks)
+
+    def store(description: dict[str, Any]) -> None:
+        for key, value in measured.items():
+            description[key][name] = value
+
+    _update_config(model_dir, store)
+    return measured
+
+
+def _update_config(model_dir: Any, change: Callable[[dict[str, Any]], None]) -> None:
+    import json
+    from pathlib import Path
+
     config = Path(model_dir) / "config.json"
     description = json.loads(config.read_text())
-    description.update(checks)
+    change(description)
     config.write_text(json.dumps(description, indent=2))
-    return checks
 
 
 def inverted_message(path: Any, score: float | None, inverse_score: float | None) -> str:
