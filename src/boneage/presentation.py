@@ -364,6 +364,9 @@ def measure_into_folder(
     from boneage.runtime import load_predictor
 
     predictor = load_predictor(model_dir, backend)
+    missing = [key for key in ("polarity", "orientation") if not predictor.description.get(key)]
+    if missing:
+        raise ValueError(f"{model_dir}: config.json has no {' or '.join(missing)} check; fit them with fit_for_model")
     checks = {key: predictor.description[key] for key in ("polarity", "orientation")}
     measured = measure(predictor, paths, male, months, checks)
 
