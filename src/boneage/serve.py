@@ -247,6 +247,12 @@ def create_app(
             raise InputError(400, "empty upload: 'file' has no content")
         return data
 
+    # the form fields both prediction endpoints take
+    SexForm = Annotated[str | None, Form(description="M or F; DICOM PatientSex when omitted")]  # noqa: N806
+    AgeForm = Annotated[  # noqa: N806
+        str | None, Form(description="months; DICOM PatientAge or birth/study dates when omitted")
+    ]
+
     @app.get("/api/v1/health")
     def health() -> dict[str, Any]:
         """Liveness and the loaded model."""
@@ -255,10 +261,8 @@ def create_app(
     @app.post("/api/v1/predict")
     def predict(
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph of the left hand")],
-        sex: Annotated[str | None, Form(description="M or F; DICOM PatientSex when omitted")] = None,
-        chronological_age_months: Annotated[
-            str | None, Form(description="months; DICOM PatientAge or birth/study dates when omitted")
-        ] = None,
+        sex: SexForm = None,
+        chronological_age_months: AgeForm = None,
         gradcam: Annotated[
             bool, Form(description="also return the radiograph and its Grad-CAM overlay as PNG base64")
         ] = False,
@@ -273,10 +277,8 @@ def create_app(
     @app.post("/api/v1/report.dcm", response_class=Response)
     def dicom_report(
         file: Annotated[UploadFile, File(description="DICOM radiograph of the left hand")],
-        sex: Annotated[str | None, Form(description="M or F; DICOM PatientSex when omitted")] = None,
-        chronological_age_months: Annotated[
-            str | None, Form(description="months; DICOM PatientAge or birth/study dates when omitted")
-        ] = None,
+        sex: SexForm = None,
+        chronological_age_months: AgeForm = None,
     ) -> Response:
         """The report as a DICOM Secondary Capture (application/dicom) in the upload's patient and study, a new
         series, to import into the PACS; an image that is not assessable gets a report saying so."""
