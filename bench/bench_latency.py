@@ -42,7 +42,7 @@ def rss_child(n: int, backend: str) -> None:
     predictor = load_predictor(None, backend)
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "p.csv", "w", newline="") as handle:
         writer = None
-        for row in predictor.predict_files(files, [True] * n, batch_size=32):
+        for row in predictor.predict_files(files, [True] * n):  # the default batch size, as `boneage predict`
             if writer is None:
                 writer = csv.DictWriter(handle, fieldnames=list(row))
                 writer.writeheader()

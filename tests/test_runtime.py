@@ -59,6 +59,27 @@ def test_auto_backend_takes_model_onnx_and_matches_torch(onnx_model, tmp_path):
     assert onnx_rows["call"].tolist() == torch_rows["call"].tolist()
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_rows_do_not_depend_on_the_batch_size(onnx_model, tmp_path, backend):
+    from boneage.runtime import PREDICT_BATCH_SIZE, predict_paths
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for age in (10, 40, 70, 100, 130, 160, 190):
+        Image.fromarray(synthetic_radiograph(age, seed=age)).save(folder / f"{age:03d}.png")
+    (folder / "100.png").write_bytes(b"not a png")  # an error row inside a batch
+    common = {"sex": "F", "progress": False, "model_dir": onnx_model, "backend": backend, "num_workers": 0}
+    tables = [
+        predict_paths([folder], tmp_path / f"{size}.csv", batch_size=size, **common)
+        for size in sorted({1, 3, PREDICT_BATCH_SIZE, 32})
+    ]
+    assert tables[0]["status"].tolist() == ["ok", "ok", "ok", "error", "ok", "ok", "ok"]
+    for table in tables[1:]:
+        assert table["id"].tolist() == tables[0]["id"].tolist()
+        assert table["status"].tolist() == tables[0]["status"].tolist()
+        assert np.allclose(table["bone_age_months"], tables[0]["bone_age_months"], atol=1e-3, equal_nan=True)
+
+
 def test_both_backends_resize_through_the_source_size_and_standardise(tmp_path):
     from boneage.export import attach_onnx
     from boneage.runtime import predict_paths

@@ -318,6 +318,8 @@ def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from boneage.runtime import PREDICT_BATCH_SIZE
+
     parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
     parser.add_argument("--version", action="version", version=f"boneage {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with their traceback")
@@ -376,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="predictions.csv",
         help="prediction CSV, or JSON when it ends in .json (default: predictions.csv)",
     )
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--batch-size",
+        type=int,
+        default=PREDICT_BATCH_SIZE,
+        help=f"images per forward pass (default: {PREDICT_BATCH_SIZE}; larger batches are no faster on a CPU and "
+        "hold more memory)",
+    )
     predict.add_argument(
         "--dicom-report",
         metavar="DIR",

@@ -24,6 +24,7 @@ from boneage.presentation import check as check_presentation
 from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts of prediction live in runtime
     DEFAULT_MODEL,
     IMAGE_SUFFIXES,
+    PREDICT_BATCH_SIZE,
     PREDICTION_COLUMNS,
     collect_images,
     correct_months,
@@ -163,7 +164,7 @@ class Predictor:
         self,
         paths: list[Path],
         sexes: list[bool | None],
-        batch_size: int = 32,
+        batch_size: int = PREDICT_BATCH_SIZE,
         num_workers: int | None = None,
         progress: bool = False,
         ages: list[float | None] | None = None,

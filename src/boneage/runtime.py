@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "lite0-256-robust-x3"
 ONNX_FILE = "model.onnx"
 METADATA_KEY = "boneage.config"
+# Images per forward pass when predicting files. Small batches are as fast on a CPU (onnxruntime) or faster (PyTorch)
+# and hold a fraction of the activations: with the shipped model, batch 4 vs 32 measured 1.07x / 1.50x the images/s at
+# 440 / 956 MiB instead of 1,958 / 1,535 MiB peak RSS (onnxruntime / PyTorch; bench/bench_batch.py, BENCHMARKS.md).
+PREDICT_BATCH_SIZE = 4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 PREDICTION_COLUMNS = [
     "id",
@@ -379,7 +383,7 @@ class OnnxPredictor:
         self,
         paths: list[Path],
         sexes: list[bool | None],
-        batch_size: int = 32,
+        batch_size: int = PREDICT_BATCH_SIZE,
         num_workers: int | None = None,
         progress: bool = False,
         ages: list[float | None] | None = None,
@@ -472,7 +476,7 @@ def predict_paths(
     model_dir: str | Path | None = None,
     metadata: str | Path | None = None,
     sex: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = PREDICT_BATCH_SIZE,
     num_workers: int | None = None,
     progress: bool = True,
     backend: str = "auto",
