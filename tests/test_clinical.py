@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from boneage.clinical import REFERENCE_SD, compare_ages, parse_chronological_age, reference_sd
+from boneage.clinical import REFERENCE_SD, compare_ages, parse_chronological_age, reference_band, reference_sd
 from boneage.predict import predict_paths, resolve_ages
 from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
 
@@ -26,6 +26,17 @@ def test_reference_sd_is_none_outside_the_table():
     assert reference_sd(2.9, True) is None and reference_sd(204.1, True) is None
     assert reference_sd(193, False) is None  # the girls' table ends at 192 months
     assert len(REFERENCE_SD[True][0]) == 24 and len(REFERENCE_SD[False][0]) == 23
+
+
+@pytest.mark.parametrize("male", [True, False])
+def test_reference_band_edges_are_the_two_sds_limits(male):
+    band = reference_band(male)
+    assert band["ages_months"][0] == 3 and band["ages_months"][-1] == (204 if male else 192)
+    for age, lower, upper in zip(band["ages_months"], band["lower_months"], band["upper_months"]):
+        assert lower < age < upper
+        # a bone age on the band's edge is exactly where the call changes
+        assert compare_ages(upper, age, male)["sds"] == pytest.approx(2.0, abs=0.01)
+        assert compare_ages(lower, age, male)["sds"] == pytest.approx(-2.0, abs=0.01)
 
 
 def test_compare_ages_sds_and_call():

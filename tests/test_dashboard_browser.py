@@ -104,6 +104,22 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
         width = browser.execute_script(f"return document.getElementById('{element_id}').naturalWidth")
         assert width == 96
     assert not browser.find_element(By.ID, "dicom-report").is_displayed()  # a PNG has no study to report into
+    # the chart of bone age against age: the child inside the shaded range exactly when the call is normal
+    assert browser.find_element(By.ID, "chart").is_displayed()
+    call = browser.find_element(By.ID, "call").text
+    point = browser.find_element(By.ID, "chart-point")
+    assert point.get_attribute("class") == call
+    inside = browser.execute_script(
+        "const svg = document.getElementById('chart-svg'), p = document.getElementById('chart-point');"
+        "const at = svg.createSVGPoint(); at.x = p.cx.baseVal.value; at.y = p.cy.baseVal.value;"
+        "return svg.querySelector('.band').isPointInFill(at);"
+    )
+    assert inside == (call == "normal")
+    browser.find_element(By.ID, "age-years").clear()  # the next upload has no age: no chart
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "report").is_displayed())
+    assert browser.find_element(By.ID, "chronological").text == "not given"
+    assert not browser.find_element(By.ID, "chart").is_displayed()
 
 
 def test_dicom_upload_offers_the_dicom_report(server, browser, tmp_path):

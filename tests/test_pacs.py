@@ -19,6 +19,7 @@ from boneage.pacs import (  # noqa: E402
     Listener,
     findings,
     parse_destination,
+    render_age_chart,
     render_report,
     report_dataset,
 )
@@ -50,6 +51,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _marker_centre(chart, colour) -> np.ndarray:
+    """Mean (x, y) of the pixels in the call's colour: the point and its symmetric interval bar."""
+    pixels = np.argwhere((np.asarray(chart) == colour).all(axis=-1))
+    assert len(pixels) > 20
+    return pixels.mean(axis=0)[::-1]
+
+
+def test_age_chart_puts_the_child_at_age_and_bone_age():
+    from boneage.pacs import CALL_COLOURS
+
+    months = OK_ROW["bone_age_months"]
+    symmetric = {**OK_ROW, "lower_months": months - 15, "upper_months": months + 15}
+    base = _marker_centre(render_age_chart(symmetric), CALL_COLOURS["normal"])
+    older = _marker_centre(
+        render_age_chart({**symmetric, "chronological_age_months": OK_ROW["chronological_age_months"] + 48}),
+        CALL_COLOURS["normal"],
+    )
+    advanced = {**symmetric, "bone_age_months": months + 48, "lower_months": months + 33, "upper_months": months + 63}
+    advanced["call"] = "advanced"
+    higher = _marker_centre(render_age_chart(advanced), CALL_COLOURS["advanced"])
+    step = older[0] - base[0]
+    assert step > 40 and abs(older[1] - base[1]) < 1  # 4 years later: to the right, same height
+    # 4 years more bone age: up by the same distance (both axes on one scale), not sideways
+    assert higher[0] == pytest.approx(base[0], abs=1) and base[1] - higher[1] == pytest.approx(step, abs=2)
+
+
+def test_report_shows_the_chart_only_with_an_age(tmp_path):
+    source = _source(tmp_path / "in.dcm")
+    without_age = {**OK_ROW, "chronological_age_months": None, "ba_minus_ca_months": None, "sds": None, "call": None}
+    assert render_age_chart(without_age) is None and render_age_chart({"status": "not assessable"}) is None
+    assert render_report(source, OK_ROW, "m").shape[1] > render_report(source, without_age, "m").shape[1]
 
 
 def test_report_files_into_the_source_study_as_a_new_series(tmp_path):

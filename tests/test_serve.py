@@ -61,6 +61,10 @@ def test_predict_report_matches_the_cli_path(client, model_dir, tmp_path):
     for key in ("lower_months", "upper_months", "bone_age", "model"):
         assert key in report
     assert "path" not in report and "image_png" not in report  # no Grad-CAM unless asked
+    band = report["reference_band"]  # the chart's normal range, for the sex given
+    assert band["ages_months"][-1] == 204 and band["upper_months"][-1] == pytest.approx(204 + 2 * 13.05)
+    no_age = client.post("/api/v1/predict", files={"file": ("hand.png", HAND, "image/png")}, data={"sex": "F"})
+    assert no_age.status_code == 200 and no_age.json()["reference_band"] is None
 
 
 def test_gradcam_images_are_returned_as_png(client):

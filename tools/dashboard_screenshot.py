@@ -56,6 +56,9 @@ def main() -> None:
             lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text
         )
         time.sleep(0.5)  # let the images paint
+        # the whole page, the chart below the images included
+        driver.set_window_size(1440, max(800, driver.execute_script("return document.body.scrollHeight") + 140))
+        time.sleep(0.3)
         driver.save_screenshot(args.output)
         print(f"wrote {args.output}: bone age {driver.find_element(By.ID, 'bone-age').text!r}")
     finally:

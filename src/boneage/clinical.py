@@ -50,6 +50,23 @@ def reference_sd(chronological_age_months: float, male: bool) -> float | None:
     return float(np.interp(chronological_age_months, ages, sds))
 
 
+def reference_band(male: bool, limit: float = SDS_LIMIT) -> dict[str, list[float]]:
+    """The normal range of bone age for the chart of bone age against age: at each chronological age of the reference
+    table (months), bone age = age -/+ ``limit`` SDs. Between the table's ages the band is linear, as the SD is.
+
+    Example:
+        >>> band = reference_band(male=True)
+        >>> band["ages_months"][-1], band["lower_months"][-1], band["upper_months"][-1]
+        (204.0, 177.9, 230.1)
+    """
+    ages, sds = REFERENCE_SD[bool(male)]
+    return {
+        "ages_months": ages.tolist(),
+        "lower_months": np.round(ages - limit * sds, 2).tolist(),
+        "upper_months": np.round(ages + limit * sds, 2).tolist(),
+    }
+
+
 def parse_chronological_age(value: Any, source: str = "chronological age") -> float | None:
     """Months from a number or numeric string; None for empty. Raises ValueError naming ``source`` otherwise."""
     if value is None or (isinstance(value, str) and not value.strip()):

@@ -1,10 +1,11 @@
 """PACS integration: the bone-age report as a DICOM object in the radiograph's own study, and a DICOM node for it.
 
-``report_dataset`` turns a prediction row into a DICOM Secondary Capture (RGB): the radiograph beside the findings,
-in the source image's study (patient and study attributes copied, a new series), so any PACS viewer shows it next to
-the film. ``Listener`` (``boneage listen``) is a DICOM storage node (C-STORE SCP, pynetdicom): every image sent to it
-is stored, read by :meth:`predict_files` (the code path of ``boneage predict``; sex and age from the DICOM header),
-its row appended to ``results.csv`` and its report written beside it and, with a destination, sent on by C-STORE.
+``report_dataset`` turns a prediction row into a DICOM Secondary Capture (RGB): the radiograph beside the findings (and,
+with an age, the chart of bone age against age: :func:`render_age_chart`), in the source image's study (patient and
+study attributes copied, a new series), so any PACS viewer shows it next to the film. ``Listener`` (``boneage listen``)
+is a DICOM storage node (C-STORE SCP, pynetdicom): every image sent to it is stored, read by :meth:`predict_files` (the
+code path of ``boneage predict``; sex and age from the DICOM header), its row appended to ``results.csv`` and its report
+written beside it and, with a destination, sent on by C-STORE.
 
 A sender is answered as soon as the file is on disk; reading and sending run on one worker thread, in arrival order.
 Nothing computed is lost when a send fails: the report stays in ``reports/`` and the row says why. The log holds an
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from boneage import __version__
+from boneage.clinical import SDS_LIMIT, reference_band
 from boneage.imageio import header_patient_info, read_image
 from boneage.runtime import PREDICTION_COLUMNS
 from boneage.runtime import model_name as name_of_model
@@ -97,16 +99,82 @@ def findings(row: dict[str, Any]) -> list[str]:
     return lines
 
 
+CHART_MAX_MONTHS = 240.0  # both axes of the chart run from birth to 20 years
+CALL_COLOURS = {
+    "normal": (102, 187, 106),
+    "delayed": (255, 138, 101),
+    "advanced": (255, 138, 101),
+    None: (255, 255, 255),
+}
+
+
+def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
+    """The chart of bone age against chronological age (a ``size`` x ``size`` PIL image): the normal range (the
+    reference age -/+ 2 SD, :func:`boneage.clinical.reference_band`), the line bone age = age, and this child at
+    (age, bone age) with the 90% interval as a bar, coloured by the call. None without a bone age and an age."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if row.get("status") != "ok" or row.get("chronological_age_months") is None:
+        return None
+    left, top, side = round(size * 0.12), round(size * 0.08), round(size * 0.81)
+    font = ImageFont.load_default(size=max(10, size // 32))
+
+    def xy(age: float, bone_age: float) -> tuple[float, float]:
+        clip = lambda m: min(max(float(m), 0.0), CHART_MAX_MONTHS)  # noqa: E731
+        return left + side * clip(age) / CHART_MAX_MONTHS, top + side * (1 - clip(bone_age) / CHART_MAX_MONTHS)
+
+    chart = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(chart)
+    band = reference_band(bool(row["male"]))
+    outline = [xy(a, b) for a, b in zip(band["ages_months"], band["lower_months"])]
+    outline += [xy(a, b) for a, b in reversed(list(zip(band["ages_months"], band["upper_months"])))]
+    draw.polygon(outline, fill=(62, 66, 74))
+    for year in range(0, 21, 2):
+        x, y = xy(12 * year, 12 * year)
+        draw.line([(x, top + side), (x, top + side + 5)], fill=(170, 170, 170))
+        draw.line([(left - 5, y), (left, y)], fill=(170, 170, 170))
+        draw.text((x, top + side + 8), str(year), fill=(170, 170, 170), font=font, anchor="mt")
+        draw.text((left - 8, y), str(year), fill=(170, 170, 170), font=font, anchor="rm")
+    draw.rectangle([left, top, left + side, top + side], outline=(170, 170, 170))
+    for start in range(0, int(CHART_MAX_MONTHS), 8):  # the line bone age = age, dashed
+        draw.line([xy(start, start), xy(start + 4, start + 4)], fill=(140, 140, 140), width=1)
+    sex = "boys" if row["male"] else "girls"
+    draw.text((left, top - 8), f"bone age (y) against age (y), {sex}", fill=(255, 255, 255), font=font, anchor="lb")
+    draw.text(
+        (left + side, top + side + 10 + font.size),
+        f"shaded: +/-{SDS_LIMIT:g} SD (Greulich & Pyle)",
+        fill=(170, 170, 170),
+        font=font,
+        anchor="rt",
+    )
+    colour = CALL_COLOURS.get(row.get("call"), CALL_COLOURS[None])
+    age, bone_age = row["chronological_age_months"], row["bone_age_months"]
+    if row.get("lower_months") is not None and row.get("upper_months") is not None:
+        (x, low), (_, high) = xy(age, row["lower_months"]), xy(age, row["upper_months"])
+        draw.line([(x, low), (x, high)], fill=colour, width=3)
+        draw.line([(x - 6, low), (x + 6, low)], fill=colour, width=2)
+        draw.line([(x - 6, high), (x + 6, high)], fill=colour, width=2)
+    x, y = xy(age, bone_age)
+    radius = max(4, size // 70)
+    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    return chart
+
+
 def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, height: int = 512) -> np.ndarray:
-    """(H, W, 3) uint8: the radiograph (``height`` px tall) beside a panel with :func:`findings`."""
+    """(H, W, 3) uint8: the radiograph (``height`` px tall) beside a panel with :func:`findings` and, given an age,
+    the chart of bone age against age (:func:`render_age_chart`)."""
     from PIL import Image, ImageDraw, ImageFont
 
     gray = read_image(image_path)
     width = max(1, round(gray.shape[1] * height / gray.shape[0]))
     shown = np.asarray(Image.fromarray(gray, mode="F").resize((width, height), Image.BILINEAR)).clip(0, 1)
     panel_width = 420
-    canvas = Image.new("RGB", (width + panel_width, height), (0, 0, 0))
+    chart = render_age_chart(row, size=min(420, height))
+    chart_width = chart.width + 16 if chart is not None else 0
+    canvas = Image.new("RGB", (width + panel_width + chart_width, height), (0, 0, 0))
     canvas.paste(Image.fromarray((shown * 255).round().astype(np.uint8)).convert("RGB"), (0, 0))
+    if chart is not None:
+        canvas.paste(chart, (width + panel_width, (height - chart.height) // 2))
     draw = ImageDraw.Draw(canvas)
     title, body, small = (ImageFont.load_default(size=s) for s in (22, 19, 13))
     x, y = width + 16, 16

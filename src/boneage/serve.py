@@ -1,10 +1,11 @@
 """Web dashboard and JSON API: ``boneage serve``.
 
 ``GET /`` is a single page where a clinician uploads a radiograph (PNG, JPEG or DICOM), enters or confirms sex and
-chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the
-SDS and the call. ``POST /api/v1/predict`` does the same for other systems; ``POST /api/v1/report.dcm`` returns the
-report of a DICOM upload as a DICOM Secondary Capture in its study (:mod:`boneage.pacs`); ``GET /api/v1/health`` says
-whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
+chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the SDS
+and the call, and the child on a chart of bone age against age with the normal range (age -/+ 2 SD) shaded.
+``POST /api/v1/predict`` does the same for other systems; ``POST /api/v1/report.dcm`` returns the report of a DICOM
+upload as a DICOM Secondary Capture in its study (:mod:`boneage.pacs`); ``GET /api/v1/health`` says whether the model is
+loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
 
 Every prediction goes through :meth:`boneage.predict.Predictor.predict_files`, the code path of ``boneage predict``.
 Bad input gets a 4xx JSON ``{"detail": ...}``; an unexpected failure a 500 without a stack trace. The log holds a
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from boneage import __version__
-from boneage.clinical import REFERENCE, parse_chronological_age
+from boneage.clinical import REFERENCE, SDS_LIMIT, parse_chronological_age, reference_band
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
 from boneage.runtime import PREDICTION_COLUMNS, load_predictor, model_name, torch_available
 
@@ -149,6 +150,12 @@ class BoneAgeService:
         report = {k: row.get(k) for k in PREDICTION_COLUMNS if k not in ("id", "path")}  # every field, None if unknown
         report.update(sex="M" if row["male"] else "F", sex_source=row["sex_source"], age_source=row["age_source"])
         report["sds_reference"] = REFERENCE if report.get("sds") is not None else None
+        # the normal range for the chart of bone age against age: age -/+ 2 SD at the reference table's ages
+        report["reference_band"] = (
+            {**reference_band(row["male"]), "sds_limit": SDS_LIMIT, "reference": REFERENCE}
+            if report.get("chronological_age_months") is not None
+            else None
+        )
         report["model"] = self.model_info
         report["dicom_report_available"] = suffix == ".dcm"  # POST the same form to /api/v1/report.dcm
         if images is not None:
