@@ -48,6 +48,27 @@ def test_collect_images_recurses_and_keeps_missing_files(image_folder, tmp_path)
     assert names == ["a.png", "broken.png", "c.dcm", "b.jpg", "missing.png"]
 
 
+def test_a_dicom_export_is_read_whatever_its_file_names(model_dir, tmp_path):
+    export = tmp_path / "export" / "DICOM" / "ST000001"
+    export.mkdir(parents=True)
+    pixels = synthetic_radiograph(90).astype("uint16") * 16
+    write_dicom(export / "IM000001", pixels, PatientSex="F")
+    write_dicom(export / "1.2.826.0.1.3680043.8.498.11", pixels, PatientSex="M")  # named by its UID
+    write_dicom(export / "1.2.826.0.1.3680043.8.498.12", pixels, PatientSex="M")  # same stem as the one above
+    write_dicom(tmp_path / "export" / "DICOMDIR", pixels)  # the export's index: not an image
+    (export / "VERSION").write_text("not DICOM")
+    found = collect_images([tmp_path / "export"])
+    assert [p.name for p in found] == ["1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12", "IM000001"]
+    metadata = tmp_path / "meta.csv"
+    pd.DataFrame({"id": ["1.2.826.0.1.3680043.8.498.12"], "chronological_age_months": [100]}).to_csv(
+        metadata, index=False
+    )
+    table = predict_paths([tmp_path / "export"], tmp_path / "p.csv", model_dir=model_dir, metadata=metadata)
+    assert table["id"].tolist() == [p.name for p in found]  # distinct ids, the metadata matched by the whole name
+    assert table["status"].tolist() == ["ok"] * 3 and table["male"].tolist() == [True, True, False]
+    assert table["chronological_age_months"].isna().tolist() == [True, False, True]
+
+
 def test_predict_batch_goes_on_past_bad_files(image_folder, model_dir, tmp_path):
     out = tmp_path / "preds.csv"
     metadata = tmp_path / "meta.csv"

@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--metadata",
-        help="CSV with id,male[,chronological_age_months] per image id (the file stem)",
+        help="CSV with id,male[,chronological_age_months] per image id (the file name without its image suffix)",
     )
     predict.add_argument("--sex", help="M or F, for every image without metadata")
     predict.add_argument(

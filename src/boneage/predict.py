@@ -31,6 +31,7 @@ from boneage.runtime import (  # noqa: F401 - re-exported: the torch-free parts 
     default_model_dir,
     finish_row,
     format_age,
+    image_id,
     new_row,
     predict_paths,
     presentation_checks,
@@ -215,7 +216,7 @@ def save_gradcam(predictor: Predictor, path: str | Path, male: bool, folder: str
 
     image, heat = gradcam_overlay(predictor.model, predictor.contract, path, male)
     gap = np.full((image.shape[0], 8, 3), 255, dtype=np.uint8)
-    target = Path(folder) / f"{Path(path).stem}_gradcam.png"
+    target = Path(folder) / f"{image_id(path)}_gradcam.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate([image, gap, heat], axis=1)).save(target)
     return target

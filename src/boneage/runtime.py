@@ -26,7 +26,15 @@ import numpy as np
 
 from boneage.clinical import compare_ages, parse_chronological_age
 from boneage.config import BoneAgeError, contract_from_description
-from boneage.imageio import STAGE_NAMES, ImageReadError, dicom_patient_info, parse_sex, preprocess_array, stage_index
+from boneage.imageio import (
+    STAGE_NAMES,
+    ImageReadError,
+    dicom_patient_info,
+    is_dicom,
+    parse_sex,
+    preprocess_array,
+    stage_index,
+)
 from boneage.presentation import check as check_presentation
 from boneage.presentation import inverted_message, turned_message
 
@@ -70,9 +78,30 @@ def default_model_dir() -> Path:
     return folder
 
 
+def image_id(path: str | Path) -> str:
+    """A file's id in the result rows and in a metadata CSV: the name without an image suffix (``1437.png`` -> 1437),
+    else the whole name (DICOM exports name files ``IM000001`` or by their UID, ``1.2.840.113619.2.55.3.1``)."""
+    path = Path(path)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+
+
+def _folder_image(path: Path) -> bool:
+    """A file in a folder is read when it has an image suffix, or is DICOM by content whatever its name (PACS and
+    CD exports often have none); a DICOMDIR (the index of such an export) is not an image."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        return is_dicom(path)
+    except OSError:  # unreadable: not ours to judge here; a named file would become an error row
+        return False
+
+
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand files, folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom) and CSV lists (a ``path`` column, relative to
-    the CSV's folder) into a de-duplicated list, in the order given (a folder's files sorted)."""
+    """Expand files, folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom, and DICOM files by content whatever their
+    name) and CSV lists (a ``path`` column, relative to the CSV's folder) into a de-duplicated list, in the order given
+    (a folder's files sorted)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -84,7 +113,7 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
                 raise ValueError(f"{path}: a list of images needs a 'path' column; found {list(listed.columns)}")
             found += [p if p.is_absolute() else path.parent / p for p in map(Path, listed["path"]) if str(p)]
         elif path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and _folder_image(p))
         else:
             found.append(path)  # a missing file becomes an error row, not a crash
     seen: set[Path] = set()
@@ -92,7 +121,7 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_metadata(metadata_csv: str | Path) -> Any:
-    """``id,male`` (and optionally ``chronological_age_months``) per image id (the file stem), as a frame by id."""
+    """``id,male`` (and optionally ``chronological_age_months``) per image id (:func:`image_id`), as a frame by id."""
     import pandas as pd
 
     try:
@@ -100,7 +129,10 @@ def read_metadata(metadata_csv: str | Path) -> Any:
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"{metadata_csv}: not a readable CSV ({err})") from None
     if "id" not in frame.columns:
-        raise ValueError(f"{metadata_csv}: expected an 'id' column (the image file stem); found {list(frame.columns)}")
+        raise ValueError(
+            f"{metadata_csv}: expected an 'id' column (the image file name without its suffix); "
+            f"found {list(frame.columns)}"
+        )
     if frame["id"].duplicated().any():
         raise ValueError(f"{metadata_csv}: duplicate ids {frame['id'][frame['id'].duplicated()].tolist()[:5]}")
     return frame.set_index("id")
@@ -121,9 +153,9 @@ def resolve_sexes(
     table = read_metadata(metadata) if metadata else None
     sexes: list[bool | None] = []
     for path in files:
-        value = default_sex
-        if table is not None and path.stem in table.index and "male" in table.columns:
-            value = parse_sex(table.at[path.stem, "male"])
+        value, key = default_sex, image_id(path)
+        if table is not None and key in table.index and "male" in table.columns:
+            value = parse_sex(table.at[key, "male"])
         if value is None:
             value = dicom_patient_info(path)["male"]
         sexes.append(value)
@@ -144,9 +176,9 @@ def resolve_ages(
     column = "chronological_age_months"
     ages: list[float | None] = []
     for path in files:
-        value = None
-        if table is not None and column in table.columns and path.stem in table.index:
-            value = parse_chronological_age(table.at[path.stem, column], f"{metadata}: id {path.stem}, {column}")
+        value, key = None, image_id(path)
+        if table is not None and column in table.columns and key in table.index:
+            value = parse_chronological_age(table.at[key, column], f"{metadata}: id {key}, {column}")
         if value is None:
             value = default_age
         if value is None:
@@ -186,7 +218,7 @@ def tta_default(description: dict[str, Any], source: str | Path = "config.json")
 def new_row(path: Path, male: bool | None, error: str | None = None) -> dict[str, Any]:
     """A file's row before prediction; an error row when it could not be read (``error``) or its sex is unknown.
     Rows without a ``status`` go on to the model."""
-    row: dict[str, Any] = {"id": path.stem, "path": str(path), "male": male}
+    row: dict[str, Any] = {"id": image_id(path), "path": str(path), "male": male}
     if error is not None:
         row.update(status="error", message=error)
     elif male is None:
@@ -491,7 +523,7 @@ def predict_paths(
         output: the prediction CSV (``PREDICTION_COLUMNS``), or a ``.json`` file: ``{"model": ..., "predictions":
             [...]}`` with the same fields per image.
         model_dir: a model folder or an exported ``.onnx`` file; the packaged default model when None.
-        metadata: CSV with ``id,male[,chronological_age_months]`` per image id (file stem); overrides ``sex`` and
+        metadata: CSV with ``id,male[,chronological_age_months]`` per image id (:func:`image_id`); overrides ``sex`` and
             ``chronological_age`` for the ids it lists.
         sex: ``M`` or ``F`` for every image without metadata; DICOM files without either use PatientSex.
         backend: ``auto`` (see :func:`load_predictor`), ``torch`` or ``onnx``.
