@@ -122,6 +122,31 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
     assert not browser.find_element(By.ID, "chart").is_displayed()
 
 
+def test_a_result_prints_without_the_form(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100, size=96)).save(image)
+    browser.get(server + "/")
+    assert not browser.find_element(By.ID, "print").is_displayed()  # nothing to print yet
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    Select(browser.find_element(By.ID, "sex")).select_by_value("M")
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "print").is_displayed()
+    assert not browser.find_element(By.ID, "printed").is_displayed()  # the stamp is for paper only
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    try:
+        assert not browser.find_element(By.ID, "form").is_displayed()
+        assert not browser.find_element(By.ID, "print").is_displayed()
+        assert browser.find_element(By.ID, "report").is_displayed()
+        assert browser.find_element(By.ID, "printed").text.startswith("Assessed ")
+        assert "hand.png" in browser.find_element(By.ID, "printed").text
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
 def test_dicom_upload_offers_the_dicom_report(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
