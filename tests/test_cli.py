@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 
@@ -92,3 +93,56 @@ def test_cli_gradcam_shows_the_answer_predict_gives(tmp_path, monkeypatch):
     assert main(["predict", *common, "--backend", "torch", "--output", str(tmp_path / "p.csv")]) == 0
     months = pd.read_csv(tmp_path / "p.csv")["bone_age_months"][0]
     assert seen["answers"] == [f"bone age {months:.1f} months"]
+
+
+def test_cli_fit_checks_gives_a_trained_folder_the_refusals(tmp_path, capsys):
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("sklearn")
+    from boneage.export import attach_onnx
+    from boneage.runtime import OnnxPredictor, predict_paths
+    from tests.conftest import make_tiny_model, write_rsna_folder
+
+    labels, images = write_rsna_folder(tmp_path / "data", n=48, size=64)
+    ids = pd.read_csv(labels, dtype={"id": str})["id"]
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"id": ids, "split": ["train"] * 36 + ["val"] * 12}).to_csv(split, index=False)
+    folder = make_tiny_model(tmp_path / "model", image_size=64, standardize=True)
+    attach_onnx(folder)  # an exported folder: without the check its graph has no refusal score
+    assert OnnxPredictor(folder).threshold is None
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(blank)
+    args = ["--model", str(folder), "--labels", str(labels), "--images", str(images), "--split", str(split)]
+    umask = os.umask(0o022)
+    try:
+        assert main(["fit-checks", *args]) == 0
+    finally:
+        os.umask(umask)
+    # every file of the folder readable by the service account that will load it, as the umask allows
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in folder.iterdir()), folder
+    printed = capsys.readouterr().out
+    assert "not assessable: threshold set on val calibration half (n=6)" in printed
+    assert "model.onnx exported again" in printed
+    stored = json.loads((folder / "config.json").read_text())
+    assert {"assessability", "polarity", "orientation"} <= set(stored)
+    assert OnnxPredictor(folder).threshold == pytest.approx(stored["assessability"]["threshold"])
+    for backend in ("onnx", "torch"):  # both backends now refuse what the check refuses
+        rows = predict_paths([blank], tmp_path / f"{backend}.csv", model_dir=folder, sex="F", backend=backend)
+        assert rows["status"].tolist() == ["not assessable"], backend
+
+
+def test_cli_fit_checks_names_a_split_too_small(tmp_path, rsna_folder, capsys):
+    labels, images = rsna_folder
+    split = tmp_path / "split.csv"
+    ids = pd.read_csv(labels, dtype={"id": str})["id"]
+    pd.DataFrame({"id": ids, "split": ["val"] * len(ids)}).to_csv(split, index=False)
+    from tests.conftest import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "model")
+    args = ["--model", str(folder), "--labels", str(labels), "--images", str(images), "--split", str(split)]
+    assert main(["fit-checks", *args]) != 0
+    assert "fitting the checks needs at least 32 train and 4 val images; found 0 and 48" in capsys.readouterr().err

@@ -310,6 +310,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit_checks(args: argparse.Namespace) -> int:
+    from boneage.quality import fit_checks
+
+    result = fit_checks(args.model, args.labels, args.images, args.split, max_train=args.max_train)
+    refusal, polarity, orientation = result["assessability"], result["polarity"]["val"], result["orientation"]["val"]
+    print(
+        f"not assessable: threshold set on {refusal['threshold_set_on']}; on the other half of val "
+        f"{refusal['acceptance_heldout_val']:.1%} accepted (n={refusal['n_heldout_val']}); "
+        f"{refusal['rejection_non_hand']:.0%} of {len(refusal['non_hand_scores'])} non-hand images refused"
+    )
+    print(
+        f"inverted: on val (n={polarity['n']}) {polarity['as_given_called_inverted']} called inverted as given, "
+        f"{polarity['negatives_called_inverted']} of {polarity['n']} negatives"
+    )
+    print(
+        f"turned: on val {orientation['as_given_called_turned']} called turned as given, "
+        f"{orientation['turned_called_turned']} of {orientation['n_turned']} turned copies"
+    )
+    again = " (model.onnx exported again)" if "onnx" in result else ""
+    print(f"stored in {Path(args.model) / 'config.json'}{again}")
+    return 0
+
+
 def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False) -> None:
     parser.add_argument("--labels", required=True, help="CSV with id,boneage,male")
     parser.add_argument("--images", required=True, help="folder of <id>.png")
@@ -502,6 +525,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation halving")
     calibrate.add_argument("--model", help="model folder to store the interval in (its config.json)")
     calibrate.set_defaults(func=_cmd_calibrate)
+
+    checks = commands.add_parser(
+        "fit-checks",
+        help="give a trained model folder the refusals of the shipped model (not assessable, inverted, turned)",
+    )
+    checks.add_argument("--model", required=True, help="the model folder to fit them for and store them in")
+    checks.add_argument("--labels", required=True, help="CSV with id,boneage,male")
+    checks.add_argument("--images", required=True, help="folder of <id>.png")
+    checks.add_argument("--split", required=True, help="id,split CSV: fit on its train, threshold and measure on val")
+    checks.add_argument("--max-train", type=int, default=3000, help="train images to fit on (default: 3000)")
+    checks.set_defaults(func=_cmd_fit_checks)
 
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)

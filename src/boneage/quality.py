@@ -10,11 +10,14 @@ images.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 ASSESSABILITY_FILE = "assessability.safetensors"
 
@@ -66,14 +69,14 @@ class Assessability:
 
     def save(self, folder: str | Path, summary: dict[str, Any]) -> None:
         """Write the arrays next to the model's weights and the summary into its config.json."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from boneage.model import CONFIG_FILE, read_model_description, sha256_file
 
         folder = Path(folder)
-        save_file(
-            {"mean": self.mean, "components": self.components, "variances": self.variances}, folder / ASSESSABILITY_FILE
-        )
+        # as bytes, like the weights: safetensors' save_file creates owner-only (0600) files
+        arrays = {"mean": self.mean, "components": self.components, "variances": self.variances}
+        (folder / ASSESSABILITY_FILE).write_bytes(save(arrays))
         description = read_model_description(folder)
         description["assessability"] = {
             **summary,
@@ -201,3 +204,51 @@ def fit_for_model(
     }
     check.save(model_dir, summary)
     return summary
+
+
+def fit_checks(
+    model_dir: str | Path,
+    labels: str | Path,
+    images: str | Path,
+    split: str | Path,
+    max_train: int = 3000,
+    n_components: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Give a trained model folder the shipped model's refusals: the "not assessable" check (:func:`fit_for_model`)
+    and the checks for inverted and turned radiographs (:func:`boneage.presentation.fit_for_model`), fit on the
+    split's ``train`` images and set and measured on its ``val``, stored in the folder. A folder that carries
+    ``model.onnx`` gets it exported again, so onnxruntime returns the refusal score too. Returns what was fit."""
+    import tempfile
+
+    from boneage.data import read_labels, read_split
+    from boneage.presentation import fit_for_model as fit_presentation
+    from boneage.runtime import ONNX_FILE
+
+    model_dir = Path(model_dir)
+    table = read_labels(labels, images)
+    table = table.merge(read_split(split, table), on="id")
+    train, val = table[table["split"] == "train"], table[table["split"] == "val"]
+    if len(train) < n_components or len(val) < 4:
+        raise ValueError(
+            f"{split}: fitting the checks needs at least {n_components} train and 4 val images; "
+            f"found {len(train)} and {len(val)}"
+        )
+    n_fit = min(max_train, len(train))
+    logger.info("1/3 not assessable: features of %d train and %d val images", n_fit, len(val))
+    with tempfile.TemporaryDirectory(prefix="boneage-non-hand-") as folder:
+        non_hand = write_non_hand_images(folder, seed=seed)
+        assessability = fit_for_model(model_dir, train, val, non_hand, max_train, seed=seed, n_components=n_components)
+    logger.info(
+        "2/3 inverted and turned: statistics of %d train images; then each val image as given, as its negative and "
+        "in three turns (the longest step)",
+        n_fit,
+    )
+    presentation = fit_presentation(model_dir, train, val, max_train=max_train, seed=seed, backend="torch")
+    result: dict[str, Any] = {"assessability": assessability, **presentation}
+    if (model_dir / ONNX_FILE).is_file():
+        from boneage.export import attach_onnx
+
+        logger.info("3/3 exporting %s again, with the refusal score", ONNX_FILE)
+        result["onnx"] = attach_onnx(model_dir)
+    return result
