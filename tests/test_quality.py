@@ -51,6 +51,7 @@ def test_fit_store_and_refuse_non_hand_images(tmp_path):
     )
     blank = rows.set_index("id").loc["blank_black"]
     assert blank["status"] == "not assessable" and "does not look like" in blank["message"]
+    assert blank["message"].endswith("it reads one hand per film, palm down, fingers up, bone bright")  # what to send
     assert np.isnan(blank["bone_age_months"])
 
     pytest.importorskip("onnxruntime")

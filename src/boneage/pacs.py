@@ -79,7 +79,8 @@ def findings(row: dict[str, Any]) -> list[str]:
             "NOT ASSESSABLE",
             "The image does not look like the hand",
             "radiographs the model knows; no bone",
-            "age is given.",
+            "age is given. It reads one hand per",
+            "film, palm down, fingers up.",
         ]
     if row.get("status") != "ok":
         return ["NO RESULT", str(row.get("message", ""))[:200]]

@@ -47,6 +47,8 @@ METADATA_KEY = "boneage.config"
 # and hold a fraction of the activations: with the shipped model, batch 4 vs 32 measured 1.07x / 1.50x the images/s at
 # 440 / 956 MiB instead of 1,958 / 1,535 MiB peak RSS (onnxruntime / PyTorch; bench/bench_batch.py, BENCHMARKS.md).
 PREDICT_BATCH_SIZE = 4
+# what a refused image should be instead: the training radiographs' presentation
+READABLE = "it reads one hand per film, palm down, fingers up, bone bright"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 PREDICTION_COLUMNS = [
     "id",
@@ -272,7 +274,7 @@ def finish_row(
         row.update(
             status="not assessable",
             message=f"{row['path']}: does not look like the hand radiographs the model knows "
-            f"(score {score:.1f}, {how} {corrected:.1f}; the limit is {threshold:.1f})",
+            f"(score {score:.1f}, {how} {corrected:.1f}; the limit is {threshold:.1f}); {READABLE}",
         )
         return
     if inverted:
@@ -285,7 +287,7 @@ def finish_row(
         row.update(
             status="not assessable",
             message=f"{row['path']}: does not look like the hand radiographs the model knows "
-            f"(score {score:.1f} > {threshold:.1f})",
+            f"(score {score:.1f} > {threshold:.1f}); {READABLE}",
         )
         return
     regression = months == months  # not NaN
