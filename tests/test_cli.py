@@ -130,6 +130,8 @@ def test_cli_fit_checks_gives_a_trained_folder_the_refusals(tmp_path, capsys):
     stored = json.loads((folder / "config.json").read_text())
     assert {"assessability", "polarity", "orientation"} <= set(stored)
     assert OnnxPredictor(folder).threshold == pytest.approx(stored["assessability"]["threshold"])
+    bare = OnnxPredictor(folder / "model.onnx")  # the .onnx file alone carries every check in its metadata
+    assert bare.threshold == pytest.approx(stored["assessability"]["threshold"]) and bare.presentation is not None
     for backend in ("onnx", "torch"):  # both backends now refuse what the check refuses
         rows = predict_paths([blank], tmp_path / f"{backend}.csv", model_dir=folder, sex="F", backend=backend)
         assert rows["status"].tolist() == ["not assessable"], backend
