@@ -30,7 +30,7 @@ import numpy as np
 from boneage import __version__
 from boneage.clinical import SDS_LIMIT, reference_band
 from boneage.imageio import header_patient_info, read_image
-from boneage.runtime import PREDICTION_COLUMNS
+from boneage.runtime import PREDICTION_COLUMNS, READABLE
 from boneage.runtime import model_name as name_of_model
 
 logger = logging.getLogger("boneage.pacs")
@@ -75,13 +75,8 @@ def findings(row: dict[str, Any]) -> list[str]:
             fix = "with bone bright" if how.startswith("inverted") else "upright, fingers up"
             reason = f"The image looks {how}; no bone age is given. Send it again {fix}."
             return ["NOT ASSESSABLE", *textwrap.wrap(reason, 38)]
-        return [
-            "NOT ASSESSABLE",
-            "The image does not look like the hand",
-            "radiographs the model knows; no bone",
-            "age is given. It reads one hand per",
-            "film, palm down, fingers up.",
-        ]
+        reason = f"The image does not look like the hand radiographs the model knows; no bone age is given: {READABLE}."
+        return ["NOT ASSESSABLE", *textwrap.wrap(reason, 38)]
     if row.get("status") != "ok":
         return ["NO RESULT", str(row.get("message", ""))[:200]]
     lines = [f"Bone age {row['bone_age_months']:.1f} months ({row['bone_age']})"]

@@ -244,11 +244,14 @@ def _errors(months: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
 
 
 def measure(
-    predictor: Any, paths: Any, male: Any, months: Any, checks: dict[str, Any], batch_size: int = 4
+    predictor: Any, paths: Any, male: Any, months: Any, checks: dict[str, Any], batch_size: int | None = None
 ) -> dict[str, Any]:
     """Each image as given, as its negative and turned by 90, 180 and 270 degrees through ``predictor``: how often
     the checks call each wrong, how many wrong ones got an age without and with the checks, and their error against
-    ``months`` (reference ages)."""
+    ``months`` (reference ages). ``batch_size``: default ``boneage predict``'s."""
+    from boneage.runtime import PREDICT_BATCH_SIZE  # runtime imports this module: not at the top
+
+    batch_size = batch_size or PREDICT_BATCH_SIZE
     male = np.asarray(male, dtype=np.int64)
     truth = np.asarray(months, dtype=np.float64)
     threshold = float(predictor.threshold if hasattr(predictor, "threshold") else predictor.assessability.threshold)
@@ -320,7 +323,7 @@ def fit_for_model(
     max_train: int = 3000,
     seed: int = 0,
     backend: str = "auto",
-    batch_size: int = 4,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Fit the statistics on train images (with their negatives and turned copies), measure both checks on val and
     store them in the model folder's ``config.json`` (``polarity``, ``orientation``). The folder needs its refusal
