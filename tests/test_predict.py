@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -46,6 +47,21 @@ def test_collect_images_recurses_and_keeps_missing_files(image_folder, tmp_path)
     found = collect_images([image_folder, image_folder / "a.png", tmp_path / "missing.png"])
     names = [p.name for p in found]
     assert names == ["a.png", "broken.png", "c.dcm", "b.jpg", "missing.png"]
+
+
+def test_scanned_films_in_tiff_bmp_and_webp_are_read_like_png(model_dir, tmp_path):
+    pixels = synthetic_radiograph(90)
+    pixels[0, 0], pixels[0, 1] = 0, 255  # full range: a 16-bit copy, min-max scaled, then reads as x / 255 too
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(pixels).save(scans / "a.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(scans / "b.tiff")  # 16-bit, as film digitisers write
+    Image.fromarray(pixels).save(scans / "c.bmp")
+    Image.fromarray(pixels).save(scans / "d.webp", lossless=True)
+    assert [p.name for p in collect_images([scans])] == ["a.png", "b.tiff", "c.bmp", "d.webp"]
+    table = predict_paths([scans], tmp_path / "p.csv", model_dir=model_dir, sex="F", progress=False)
+    assert table["id"].tolist() == ["a", "b", "c", "d"] and (table["status"] == "ok").all()
+    assert np.ptp(table["bone_age_months"].to_numpy()) < 1e-3  # the same pixels give the same age in every format
 
 
 def test_a_dicom_export_is_read_whatever_its_file_names(model_dir, tmp_path):

@@ -67,6 +67,16 @@ def test_predict_report_matches_the_cli_path(client, model_dir, tmp_path):
     assert no_age.status_code == 200 and no_age.json()["reference_band"] is None
 
 
+def test_a_tiff_upload_reads_like_the_same_png(client):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(HAND)).save(buffer, format="TIFF")  # scanned films often come as TIFF
+    ages = [
+        client.post("/api/v1/predict", files={"file": (name, data, kind)}, data={"sex": "F"}).json()
+        for name, data, kind in (("h.png", HAND, "image/png"), ("h.tif", buffer.getvalue(), "image/tiff"))
+    ]
+    assert ages[1]["status"] == "ok" and ages[1]["bone_age_months"] == pytest.approx(ages[0]["bone_age_months"])
+
+
 def test_gradcam_images_are_returned_as_png(client):
     response = client.post(
         "/api/v1/predict", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F", "gradcam": "true"}

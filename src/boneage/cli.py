@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
-        help="bone age for image files/folders (PNG, JPEG, DICOM) -> CSV",
+        help="bone age for image files/folders (PNG, JPEG, TIFF, DICOM) -> CSV",
         description="Predict bone age. Exit status 0: every image predicted; 3: some rows failed (see the CSV's "
         "status/message columns); 2: bad arguments or model.",
     )

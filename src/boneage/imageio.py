@@ -1,6 +1,6 @@
 """Image decoding and the inference-time preprocessing, in NumPy and Pillow only (no PyTorch).
 
-This is all a torch-free install needs to turn a PNG, JPEG or DICOM file into the model input: the ONNX path
+This is all a torch-free install needs to turn a PNG, JPEG, TIFF or DICOM file into the model input: the ONNX path
 (:mod:`boneage.runtime`) uses it directly and :mod:`boneage.data` builds its tensors on it. The resize is Pillow's
 bilinear filter on float32 images, which is the same antialiased filter as ``torch.nn.functional.interpolate(...,
 mode="bilinear", antialias=True)`` (measured difference below 1e-6).
@@ -50,9 +50,9 @@ def is_dicom(path: Path) -> bool:
 def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode a radiograph to a float32 (H, W) array in [0, 1].
 
-    PNG/JPEG in 8- or 16-bit grayscale, palette, RGB(A); DICOM detected by its ``DICM`` magic. 8-bit images are
-    scaled by 1/255 (as the training data was); deeper images (16-bit PNG, DICOM) are min-max scaled, after the
-    modality and VOI LUTs for DICOM, and MONOCHROME1 is inverted so bone is bright.
+    PNG/JPEG/TIFF/BMP/WebP in 8- or 16-bit grayscale, palette, RGB(A); DICOM detected by its ``DICM`` magic. 8-bit
+    images are scaled by 1/255 (as the training data was); deeper images (16-bit PNG/TIFF, DICOM) are min-max scaled,
+    after the modality and VOI LUTs for DICOM, and MONOCHROME1 is inverted so bone is bright.
 
     Raises:
         ImageReadError: naming the file, when it is missing, not an image, truncated, too large or blank.
@@ -81,7 +81,7 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG or DICOM)") from None
+        raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG, TIFF, BMP, WebP or DICOM)") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
         raise ImageReadError(f"{path}: cannot decode image ({err})") from None
     if array.ndim != 2:

@@ -49,7 +49,7 @@ METADATA_KEY = "boneage.config"
 PREDICT_BATCH_SIZE = 4
 # what a refused image should be instead: the training radiographs' presentation
 READABLE = "it reads one hand per film, palm down, fingers up, bone bright"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom"}
 PREDICTION_COLUMNS = [
     "id",
     "path",
@@ -101,9 +101,9 @@ def _folder_image(path: Path) -> bool:
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand files, folders (recursively: .png/.jpg/.jpeg/.dcm/.dicom, and DICOM files by content whatever their
-    name) and CSV lists (a ``path`` column, relative to the CSV's folder) into a de-duplicated list, in the order given
-    (a folder's files sorted)."""
+    """Expand files, folders (recursively: PNG, JPEG, TIFF, BMP, WebP and DICOM by suffix, and DICOM files by content
+    whatever their name) and CSV lists (a ``path`` column, relative to the CSV's folder) into a de-duplicated list, in
+    the order given (a folder's files sorted)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -543,7 +543,10 @@ def predict_paths(
 
     files = collect_images(paths)
     if not files:
-        raise ValueError(f"no images found in {', '.join(map(str, paths))} (expected .png/.jpg/.jpeg/.dcm files)")
+        raise ValueError(
+            f"no images found in {', '.join(map(str, paths))} "
+            "(expected .png/.jpg/.jpeg/.tif/.tiff/.bmp/.webp/.dcm/.dicom files, or DICOM files by content)"
+        )
     sexes = resolve_sexes(files, sex, metadata)
     ages = resolve_ages(files, chronological_age, metadata)
     if gradcam_dir is not None:

@@ -1,8 +1,8 @@
 """Web dashboard and JSON API: ``boneage serve``.
 
-``GET /`` is a single page where a clinician uploads a radiograph (PNG, JPEG or DICOM), enters or confirms sex and
-chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the SDS
-and the call, and the child on a chart of bone age against age with the normal range (age -/+ 2 SD) shaded.
+``GET /`` is a single page where a clinician uploads a radiograph (PNG, JPEG, TIFF or DICOM), enters or confirms sex
+and chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the
+SDS and the call, and the child on a chart of bone age against age with the normal range (age -/+ 2 SD) shaded.
 ``POST /api/v1/predict`` does the same for other systems; ``POST /api/v1/report.dcm`` returns the report of a DICOM
 upload as a DICOM Secondary Capture in its study (:mod:`boneage.pacs`); ``GET /api/v1/health`` says whether the model is
 loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
@@ -31,7 +31,7 @@ from boneage.runtime import PREDICTION_COLUMNS, load_predictor, model_name, torc
 logger = logging.getLogger("boneage.serve")
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-_SUFFIXES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg"}
+_SUFFIXES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
 
 
 class InputError(Exception):
@@ -50,7 +50,9 @@ def _suffix_for(data: bytes) -> str:
     for magic, suffix in _SUFFIXES.items():
         if data.startswith(magic):
             return suffix
-    raise InputError(415, "unsupported file type: expected a PNG, JPEG or DICOM (Part 10, with the DICM preamble)")
+    raise InputError(
+        415, "unsupported file type: expected a PNG, JPEG, TIFF or DICOM (Part 10, with the DICM preamble)"
+    )
 
 
 def _png_base64(rgb: Any) -> str:
@@ -267,7 +269,7 @@ def create_app(
 
     @app.post("/api/v1/predict")
     def predict(
-        file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph of the left hand")],
+        file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
         sex: SexForm = None,
         chronological_age_months: AgeForm = None,
         gradcam: Annotated[
