@@ -50,6 +50,21 @@ def test_read_labels_valid_and_aliases(rsna_folder, tmp_path):
     assert table["male"].tolist() == [True, False]
 
 
+def test_read_labels_takes_the_rsna_challenge_files_as_given(tmp_path):
+    validation = _write_csv(tmp_path / "val.csv", "Image ID,male,Bone Age (months)\n1386,FALSE,30\n1392,TRUE,162\n")
+    table = read_labels(validation)
+    assert table["id"].tolist() == ["1386", "1392"] and table["boneage"].tolist() == [30.0, 162.0]
+    assert table["male"].tolist() == [False, True]
+    test_key = _write_csv(
+        tmp_path / "test.csv", "Case ID,Sex,Ground truth bone age (months)\n4360,M,168.9\n4361,F,169\n"
+    )
+    table = read_labels(test_key)
+    assert table["id"].tolist() == ["4360", "4361"] and table["male"].tolist() == [True, False]
+    ambiguous = _write_csv(tmp_path / "ambiguous.csv", "Case ID,Sex,Ground truth bone age (months)\n4360,1,168.9\n")
+    with pytest.raises(DataValidationError, match=r"Sex='1' is not a known sex \(expected M or F\)"):
+        read_labels(ambiguous)  # a 1/0 sex column does not say which is male
+
+
 @pytest.mark.parametrize(
     ("row", "expected"),
     [

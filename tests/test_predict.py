@@ -214,6 +214,10 @@ def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, 
     assert resolve_sexes([plain, dicom], sex="M", metadata=metadata) == [False, True]
     with pytest.raises(ValueError, match="--sex: expected M or F"):
         resolve_sexes([plain], sex="unknown")
+    rsna_test = tmp_path / "boneage-test-dataset.csv"  # the RSNA challenge's own file: Case ID, Sex
+    rsna_test.write_text("Case ID,Sex\na,F\nd, U\n")
+    assert resolve_sexes([plain, dicom], metadata=rsna_test) == [False, True]
+    assert resolve_sexes([dicom.with_name("a.dcm"), tmp_path / "d.png"], metadata=rsna_test) == [False, None]
     assert main(["gradcam", str(plain), "--model", str(model_dir), "--output", str(tmp_path / "g.png")]) == 2
     assert "sex unknown for" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
 

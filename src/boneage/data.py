@@ -20,24 +20,26 @@ from torch.utils.data import Dataset
 
 from boneage.config import AugmentConfig, DataConfig
 from boneage.imageio import (  # noqa: F401 - re-exported: data is where readers look for them
+    AGE_HEADERS,
+    ID_HEADERS,
+    MALE_HEADERS,
     MAX_IMAGE_PIXELS,
+    SEX_HEADERS,
     STAGE_EDGES_MONTHS,
     STAGE_NAMES,
     STANDARDIZE_EPS,
     ImageReadError,
     dicom_patient_info,
     parse_sex,
+    parse_sex_letter,
+    pick_column,
     read_image,
 )
 
 logger = logging.getLogger(__name__)
 
 AGE_RANGE_MONTHS = (0.0, 240.0)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", "")
-
-_ID_ALIASES = ("id", "image_id")
-_AGE_ALIASES = ("boneage", "bone_age_months", "bone_age")
-_SEX_ALIASES = ("male", "is_male")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom", "")
 
 
 class DataValidationError(ValueError):
@@ -60,14 +62,6 @@ def stage_of(age_months: float | np.ndarray | torch.Tensor) -> Any:
     return int(stages) if np.ndim(stages) == 0 else stages
 
 
-def _pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
-    lowered = {c.strip().lower(): c for c in columns}
-    for alias in aliases:
-        if alias in lowered:
-            return lowered[alias]
-    return None
-
-
 # --------------------------------------------------------------------------------------------------- labels
 
 
@@ -76,7 +70,9 @@ def read_labels(
     images_dir: str | Path | None = None,
     drop_invalid: bool = False,
 ) -> pd.DataFrame:
-    """Read and validate a labels CSV (``id,boneage,male``; also ``bone_age_months``/``is_male`` headers).
+    """Read and validate a labels CSV: ``id,boneage,male``, or the RSNA challenge's validation and test files as
+    given (``Image ID``/``Case ID``, ``Bone Age (months)``/``Ground truth bone age (months)``, ``Sex`` M/F; every
+    accepted header is in :data:`boneage.imageio.ID_HEADERS` and its neighbours).
 
     Checks duplicate ids, non-numeric or out-of-range ages (outside 0-240 months), missing or unknown sex and, with
     ``images_dir``, missing image files. Every problem names the CSV row and id.
@@ -95,15 +91,18 @@ def read_labels(
         raise DataValidationError(str(labels_csv), ["file not found"]) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataValidationError(str(labels_csv), [f"not a readable CSV ({err})"]) from None
-    id_col = _pick_column(raw.columns, _ID_ALIASES)
-    age_col = _pick_column(raw.columns, _AGE_ALIASES)
-    sex_col = _pick_column(raw.columns, _SEX_ALIASES)
+    id_col = pick_column(raw.columns, ID_HEADERS)
+    age_col = pick_column(raw.columns, AGE_HEADERS)
+    sex_col = pick_column(raw.columns, MALE_HEADERS)
+    read_sex, expected_sex = parse_sex, "True/False, M/F, 1/0"
+    if sex_col is None and (sex_col := pick_column(raw.columns, SEX_HEADERS)) is not None:
+        read_sex, expected_sex = parse_sex_letter, "M or F"
     missing = [
         f"missing column {name!r} (accepted headers: {', '.join(aliases)}); found {list(raw.columns)}"
         for name, col, aliases in (
-            ("id", id_col, _ID_ALIASES),
-            ("boneage", age_col, _AGE_ALIASES),
-            ("male", sex_col, _SEX_ALIASES),
+            ("id", id_col, ID_HEADERS),
+            ("boneage", age_col, AGE_HEADERS),
+            ("male", sex_col, MALE_HEADERS + tuple(f"{h} (M/F)" for h in SEX_HEADERS)),
         )
         if col is None
     ]
@@ -114,7 +113,7 @@ def read_labels(
     ids = raw[id_col].str.strip()
     duplicated = ids.duplicated(keep=False)
     ages = pd.to_numeric(raw[age_col].str.strip(), errors="coerce")
-    sexes = [parse_sex(v) for v in raw[sex_col]]
+    sexes = [read_sex(v) for v in raw[sex_col]]
     low, high = AGE_RANGE_MONTHS
     images_dir = Path(images_dir) if images_dir is not None else None
     paths: list[Path | None] = []
@@ -131,7 +130,7 @@ def read_labels(
         elif not low <= ages.iloc[i] <= high:
             issues.append(f"{age_col}={age_text} is outside {low:g}-{high:g} months")
         if sexes[i] is None:
-            issues.append(f"{sex_col}={raw[sex_col].iloc[i]!r} is not a known sex (expected True/False, M/F, 1/0)")
+            issues.append(f"{sex_col}={raw[sex_col].iloc[i]!r} is not a known sex (expected {expected_sex})")
         path = None
         if images_dir is not None and image_id:
             path = find_image(images_dir, image_id)

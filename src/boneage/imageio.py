@@ -8,6 +8,7 @@ mode="bilinear", antialias=True)`` (measured difference below 1e-6).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,13 @@ MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000; a larger image is refused, not de
 STANDARDIZE_EPS = 1e-3  # floor on an image's SD when standardising: a flat image is not blown up to noise
 _TRUE = {"true", "1", "m", "male", "yes", "t"}
 _FALSE = {"false", "0", "f", "female", "no"}
+# Headers read as the same field (any case), so the RSNA challenge's own files work as given: the training CSV
+# (id, boneage, male), the validation CSV (Image ID, male, Bone Age (months)) and the test key (Case ID, Sex,
+# Ground truth bone age (months)).
+ID_HEADERS = ("id", "image_id", "image id", "case id")
+AGE_HEADERS = ("boneage", "bone_age_months", "bone_age", "bone age (months)", "ground truth bone age (months)")
+MALE_HEADERS = ("male", "is_male")  # true/false, 1/0, M/F
+SEX_HEADERS = ("sex", "gender")  # M/F or male/female only: 1/0 would not say which is which
 
 
 class ImageReadError(ValueError):
@@ -38,6 +46,18 @@ def parse_sex(value: Any) -> bool | None:
     if text in _FALSE:
         return False
     return None
+
+
+def parse_sex_letter(value: Any) -> bool | None:
+    """A ``sex``/``gender`` column's value: M/F or male/female (True for male); None for anything else."""
+    text = "" if value is None else str(value).strip().lower()
+    return {"m": True, "male": True, "f": False, "female": False}.get(text)
+
+
+def pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
+    """The first of ``columns`` whose name, stripped and lower-cased, is one of ``aliases`` (in their order)."""
+    lowered = {str(c).strip().lower(): c for c in columns}
+    return next((lowered[alias] for alias in aliases if alias in lowered), None)
 
 
 def is_dicom(path: Path) -> bool:

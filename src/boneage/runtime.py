@@ -27,11 +27,16 @@ import numpy as np
 from boneage.clinical import compare_ages, parse_chronological_age
 from boneage.config import BoneAgeError, contract_from_description
 from boneage.imageio import (
+    ID_HEADERS,
+    MALE_HEADERS,
+    SEX_HEADERS,
     STAGE_NAMES,
     ImageReadError,
     dicom_patient_info,
     is_dicom,
     parse_sex,
+    parse_sex_letter,
+    pick_column,
     preprocess_array,
     stage_index,
 )
@@ -123,18 +128,31 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_metadata(metadata_csv: str | Path) -> Any:
-    """``id,male`` (and optionally ``chronological_age_months``) per image id (:func:`image_id`), as a frame by id."""
+    """``id,male`` (and optionally ``chronological_age_months``) per image id (:func:`image_id`), as a frame by id.
+
+    The RSNA challenge's files are read as given: ``Image ID``/``Case ID`` for ``id``, and a ``Sex`` (or ``gender``)
+    column of M/F for ``male``.
+    """
     import pandas as pd
 
     try:
         frame = pd.read_csv(metadata_csv, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"{metadata_csv}: not a readable CSV ({err})") from None
-    if "id" not in frame.columns:
+    id_col = pick_column(frame.columns, ID_HEADERS)
+    if id_col is None:
         raise ValueError(
-            f"{metadata_csv}: expected an 'id' column (the image file name without its suffix); "
-            f"found {list(frame.columns)}"
+            f"{metadata_csv}: expected an 'id' column (the image file name without its suffix; also read: "
+            f"{', '.join(ID_HEADERS[1:])}); found {list(frame.columns)}"
         )
+    frame = frame.rename(columns={id_col: "id"})
+    frame["id"] = frame["id"].str.strip()
+    male_col = pick_column(frame.columns, MALE_HEADERS)
+    if male_col is not None:
+        frame = frame.rename(columns={male_col: "male"})
+    elif (sex_col := pick_column(frame.columns, SEX_HEADERS)) is not None:
+        # anything but M/F (U, O, 1/0) is no sex: that image gets --sex or its DICOM PatientSex, else an error row
+        frame["male"] = frame[sex_col].map(lambda v: {True: "true", False: "false"}.get(parse_sex_letter(v), ""))
     if frame["id"].duplicated().any():
         raise ValueError(f"{metadata_csv}: duplicate ids {frame['id'][frame['id'].duplicated()].tolist()[:5]}")
     return frame.set_index("id")
