@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,39 @@ def test_json_output_has_the_same_rows(image_folder, model_dir, tmp_path):
     assert set(first) == set(PREDICTION_COLUMNS) and first["id"] == "a" and first["status"] == "ok"
     assert first["bone_age_months"] == pytest.approx(table["bone_age_months"][0])
     assert not (tmp_path / "p.partial.jsonl").exists()
+
+
+def test_resume_keeps_what_a_stopped_run_wrote_and_predicts_the_rest(image_folder, model_dir, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    args = ["predict", str(image_folder), "--model", str(model_dir), "--sex", "F", "--quiet", "--output", str(out)]
+    assert main(args) == 3  # broken.png is an error row
+    full = pd.read_csv(out, dtype={"id": str}).set_index("id")
+    lines = out.read_text().splitlines()  # header, a, broken, c, b
+    stopped = [lines[0], lines[1].replace(f"{full.at['a', 'bone_age_months']}", "999.0", 1), lines[2], lines[3][:20]]
+    out.write_text("\n".join(stopped))  # a kept (marked), broken to retry, c cut off mid-line, b never reached
+    assert main([*args, "--resume"]) == 3
+    resumed = pd.read_csv(out, dtype={"id": str})
+    assert sorted(resumed["id"]) == ["a", "b", "broken", "c"]  # each file once
+    resumed = resumed.set_index("id")
+    assert resumed.at["a", "bone_age_months"] == 999.0  # kept, not predicted again
+    for image in ("b", "c"):
+        assert resumed.at[image, "bone_age_months"] == pytest.approx(full.at[image, "bone_age_months"])
+    assert resumed.at["broken", "status"] == "error"  # tried again
+    assert "a: bone age 999.0 months" in capsys.readouterr().out  # the summary counts the kept rows
+    assert main(args) == 3 and pd.read_csv(out, dtype={"id": str}).set_index("id").at["a", "bone_age_months"] != 999.0
+
+    as_json = tmp_path / "preds.json"
+    table = predict_paths([image_folder], as_json, model_dir=model_dir, sex="M", progress=False)
+    stream = as_json.with_suffix(".partial.jsonl")
+    stream.write_text("\n".join(json.dumps(row) for row in json.loads(as_json.read_text())["predictions"][:2]))
+    again = predict_paths([image_folder], as_json, model_dir=model_dir, sex="M", progress=False, resume=True)
+    assert again["id"].tolist()[:2] == table["id"].tolist()[:2] and sorted(again["id"]) == sorted(table["id"])
+    assert not stream.exists() and len(json.loads(as_json.read_text())["predictions"]) == len(table)
+
+    other = tmp_path / "other.csv"
+    other.write_text("id,boneage,male\n1,2,M\n")
+    with pytest.raises(ValueError, match="cannot resume: its columns"):
+        predict_paths([image_folder], other, model_dir=model_dir, sex="M", progress=False, resume=True)
 
 
 def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, model_dir, tmp_path, capsys):

@@ -114,6 +114,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         chronological_age=args.age,
         gradcam_dir=args.gradcam,
+        resume=args.resume,
     )
     if args.dicom_report:
         from boneage.pacs import write_reports
@@ -412,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dicom-report",
         metavar="DIR",
         help="for each DICOM input, a report (Secondary Capture in its study, a new series) as DIR/<id>_report.dcm",
+    )
+    predict.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows a stopped run of this command already wrote to --output and predict only the rest "
+        "(error rows are tried again); without it --output is overwritten",
     )
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")

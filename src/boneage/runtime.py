@@ -522,6 +522,59 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "auto") -
     return Predictor.load(target)
 
 
+_NUMERIC_COLUMNS = {
+    "bone_age_months",
+    "lower_months",
+    "upper_months",
+    "chronological_age_months",
+    "ba_minus_ca_months",
+    "sds",
+}
+
+
+def _finished_rows(output: Path, columns: Sequence[str], files: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows an earlier, stopped run of the same command wrote to ``output`` (CSV, or a JSON output's finished
+    document or its ``.partial.jsonl`` stream) for ``files``, typed as new rows; error rows are left out, so those
+    files are tried again.
+
+    Raises:
+        ValueError: the file is not a prediction output with these columns.
+    """
+    wanted = {str(path) for path in files}
+    if output.suffix.lower() == ".json":
+        stream = output.with_suffix(".partial.jsonl")
+        try:
+            if stream.is_file():
+                rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()]
+            elif output.is_file():
+                rows = json.loads(output.read_text())["predictions"]
+            else:
+                return []
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{output}: cannot resume: not a boneage predict output ({err})") from None
+    else:
+        if not output.is_file():
+            return []
+        with open(output, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != list(columns):
+                raise ValueError(
+                    f"{output}: cannot resume: its columns {reader.fieldnames} are not this command's {list(columns)}"
+                )
+            rows = []
+            for raw in reader:
+                row: dict[str, Any] = {}
+                for key, text in raw.items():
+                    if key == "male":
+                        row[key] = parse_sex(text)
+                    elif key in _NUMERIC_COLUMNS:
+                        row[key] = float(text) if text else None
+                    else:
+                        row[key] = text if text or key == "message" else None
+                rows.append(row)
+    return [row for row in rows if row.get("path") in wanted and row.get("status") in ("ok", "not assessable")]
+
+
 def predict_paths(
     paths: Sequence[str | Path],
     output: str | Path,
@@ -535,6 +588,7 @@ def predict_paths(
     tta: bool | None = None,
     chronological_age: float | str | None = None,
     gradcam_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> Any:
     """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
 
@@ -553,6 +607,9 @@ def predict_paths(
             files without either use PatientAge or the birth and study dates. Adds BA - CA, SDS and the call.
         gradcam_dir: write ``<id>_gradcam.png`` (the radiograph beside its Grad-CAM overlay) here for every
             predicted image, and its path in a ``gradcam_path`` column (needs PyTorch).
+        resume: keep the rows that a stopped run of the same command already wrote to ``output`` (predicted or
+            refused; error rows are tried again) and predict only the other files; without it ``output`` is
+            overwritten.
 
     Returns:
         The predictions as a pandas frame (also written to ``output``).
@@ -565,6 +622,13 @@ def predict_paths(
             f"no images found in {', '.join(map(str, paths))} "
             "(expected .png/.jpg/.jpeg/.tif/.tiff/.bmp/.webp/.dcm/.dicom files, or DICOM files by content)"
         )
+    columns = PREDICTION_COLUMNS + (["gradcam_path"] if gradcam_dir is not None else [])
+    output = Path(output)
+    rows = _finished_rows(output, columns, files) if resume else []
+    if rows:
+        done = {row["path"] for row in rows}
+        files = [path for path in files if str(path) not in done]
+        logger.info("%s: resuming: %d rows kept, %d images to predict", output, len(rows), len(files))
     sexes = resolve_sexes(files, sex, metadata)
     ages = resolve_ages(files, chronological_age, metadata)
     if gradcam_dir is not None:
@@ -574,10 +638,7 @@ def predict_paths(
     predictor = load_predictor(model_dir, backend)
     if tta is not None:
         predictor.tta_hflip = tta
-    columns = PREDICTION_COLUMNS + (["gradcam_path"] if gradcam_dir is not None else [])
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
     as_json = output.suffix.lower() == ".json"
     # rows are streamed as they finish (CSV, or JSON Lines beside a .json output) so a stopped batch keeps them
     stream_path = output.with_suffix(".partial.jsonl") if as_json else output
@@ -585,6 +646,12 @@ def predict_paths(
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         if not as_json:
             writer.writeheader()
+        for row in rows:  # kept from the stopped run, written again first
+            if as_json:
+                handle.write(json.dumps({k: row.get(k) for k in columns}) + "\n")
+            else:
+                writer.writerow(row)
+        handle.flush()
         if gradcam_dir is not None:
             from boneage.predict import save_gradcam
         for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages):
