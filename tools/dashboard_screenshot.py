@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--output", default="dashboard.png")
     args = parser.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium or not shutil.which("chromedriver"):
+        parser.error("needs headless Chromium and its driver on PATH: apt-get install chromium chromium-driver")
 
     import uvicorn
     from selenium import webdriver
@@ -41,7 +44,7 @@ def main() -> None:
     while not server.started:
         time.sleep(0.05)
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,800"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
