@@ -52,6 +52,23 @@ def test_compare_ages_sds_and_call():
     assert advanced["clinical_note"] == normal["clinical_note"] == ""
 
 
+def test_the_interval_gives_the_sds_range_and_says_when_the_call_is_uncertain():
+    sd = 9.79  # boys at 120 months
+    firm = compare_ages(120.0, 120.0, male=True, lower_months=120.0 - 1.5 * sd, upper_months=120.0 + 1.5 * sd)
+    assert (firm["sds_lower"], firm["sds"], firm["sds_upper"]) == pytest.approx((-1.5, 0.0, 1.5), abs=0.01)
+    assert firm["call"] == "normal" and firm["clinical_note"] == ""  # the whole interval is normal
+    near = compare_ages(120.0 + sd, 120.0, male=True, lower_months=120.0, upper_months=120.0 + 2.5 * sd)
+    assert near["call"] == "normal" and near["clinical_note"] == "call uncertain: the 90% interval reaches advanced"
+    wide = compare_ages(120.0, 120.0, male=True, lower_months=120.0 - 2.2 * sd, upper_months=120.0 + 2.2 * sd)
+    assert wide["clinical_note"] == "call uncertain: the 90% interval reaches delayed and advanced"
+    delayed = compare_ages(120.0 - 2.5 * sd, 120.0, male=True, lower_months=120 - 3 * sd, upper_months=120 - sd)
+    assert delayed["call"] == "delayed" and delayed["clinical_note"].endswith("reaches normal")
+    flagged = compare_ages(144.0, 12.0, male=False, lower_months=126.0, upper_months=162.0)
+    assert flagged["clinical_note"].startswith("|SDS| over 4 is rare") and "uncertain" not in flagged["clinical_note"]
+    no_interval = compare_ages(130.0, 120.0, male=True)
+    assert no_interval["sds_lower"] is None and no_interval["sds_upper"] is None and no_interval["clinical_note"] == ""
+
+
 def test_an_implausible_sds_is_kept_and_flagged():
     years_typed_as_months = compare_ages(144.0, 12.0, male=False)  # a 12-year-old entered as "12"
     assert years_typed_as_months["call"] == "advanced" and years_typed_as_months["sds"] > 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import threading
@@ -47,8 +48,11 @@ def _serve(app):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from boneage.serve import create_app
+    from boneage.uncertainty import store_interval
 
-    yield from _serve(create_app(make_tiny_model(tmp_path_factory.mktemp("browser") / "model")))
+    model = make_tiny_model(tmp_path_factory.mktemp("browser") / "model")
+    store_interval(model, {"half_width_months": 12.0, "coverage_nominal": 0.9})  # calibrated, as shipped models are
+    yield from _serve(create_app(model))
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +99,11 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
     assert browser.find_element(By.ID, "error").text == ""
     assert "months" in browser.find_element(By.ID, "bone-age").text
     assert browser.find_element(By.ID, "chronological").text.startswith("96.0 months")
-    sds = browser.find_element(By.ID, "sds").text
-    assert float(sds) == pytest.approx(float(sds))  # a number, e.g. +1.23
+    sds = browser.find_element(By.ID, "sds").text.replace("−", "-")  # e.g. +1.23 (90% interval -0.20 to +2.66)
+    point, low, high = (
+        float(x) for x in re.fullmatch(r"([+-][\d.]+) \(90% interval ([+-][\d.]+) to ([+-][\d.]+)\).*", sds).groups()
+    )
+    assert low < point < high
     assert browser.find_element(By.ID, "call").text in {"normal", "delayed", "advanced"}
     assert "Female" in browser.find_element(By.ID, "sex-shown").text
     assert "tf_efficientnet_lite0" in browser.find_element(By.ID, "model").text

@@ -35,8 +35,10 @@ OK_ROW = {
     "chronological_age_months": 120.0,
     "ba_minus_ca_months": 11.2,
     "sds": 1.03,
+    "sds_lower": -0.46,
+    "sds_upper": 2.52,
     "call": "normal",
-    "message": "",
+    "message": "call uncertain: the 90% interval reaches advanced",
 }
 
 
@@ -106,6 +108,7 @@ def test_report_files_into_the_source_study_as_a_new_series(tmp_path):
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert np.array_equal(back.pixel_array, picture)
     assert "Bone age 131.2 months (10y 11m)" in back.ImageComments and "SDS +1.03 (normal)" in back.ImageComments
+    assert "90% interval SDS -0.46 to +2.52; call uncertain: the 90% interval reaches advanced" in back.ImageComments
     assert back.BurnedInAnnotation == "NO" and "Doe" not in " ".join(findings(OK_ROW))
 
 

@@ -133,8 +133,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 clinical = ""
                 if pd.notna(row.chronological_age_months):
                     clinical = f"; age {row.chronological_age_months:.0f} months, BA-CA {row.ba_minus_ca_months:+.1f}"
-                    clinical += f", SDS {row.sds:+.2f} ({row.call})" if pd.notna(row.sds) else ""
-                    clinical += f" ({row.message})" if row.message else ""
+                    if pd.notna(row.sds):
+                        spread = f" ({row.sds_lower:+.2f} to {row.sds_upper:+.2f})" if pd.notna(row.sds_lower) else ""
+                        clinical += f", SDS {row.sds:+.2f}{spread}, {row.call}"
+                    clinical += f"; {row.message}" if row.message else ""
                 print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]{clinical}")
             else:
                 print(f"{row.id}: {row.status}: {row.message}")

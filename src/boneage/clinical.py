@@ -80,15 +80,31 @@ def parse_chronological_age(value: Any, source: str = "chronological age") -> fl
     return months
 
 
-def compare_ages(bone_age_months: float, chronological_age_months: float, male: bool) -> dict[str, Any]:
-    """``ba_minus_ca_months``, ``sds`` and ``call`` (delayed / normal / advanced) for one child.
+def _call(sds: float) -> str:
+    return "delayed" if sds < -SDS_LIMIT else "advanced" if sds > SDS_LIMIT else "normal"
+
+
+def compare_ages(
+    bone_age_months: float,
+    chronological_age_months: float,
+    male: bool,
+    lower_months: float | None = None,
+    upper_months: float | None = None,
+) -> dict[str, Any]:
+    """``ba_minus_ca_months``, ``sds`` and ``call`` (delayed / normal / advanced) for one child and, given the bone
+    age's prediction interval (``lower_months``, ``upper_months``), the SDS at its ends (``sds_lower``,
+    ``sds_upper``).
 
     Outside the reference ages ``sds`` and ``call`` are None and ``clinical_note`` says why; an |SDS| over
-    ``IMPLAUSIBLE_SDS`` is kept and ``clinical_note`` asks for the age and sex to be checked.
+    ``IMPLAUSIBLE_SDS`` is kept and ``clinical_note`` asks for the age and sex to be checked; when the interval
+    reaches another call than the bone age itself, ``clinical_note`` says the call is uncertain and which call the
+    interval reaches.
 
     Example:
         >>> compare_ages(100.0, 120.0, male=True)["call"]
         'delayed'
+        >>> compare_ages(130.0, 120.0, male=True, lower_months=112.0, upper_months=148.0)["clinical_note"]
+        'call uncertain: the 90% interval reaches advanced'
     """
     difference = bone_age_months - chronological_age_months
     sd = reference_sd(chronological_age_months, male)
@@ -97,6 +113,8 @@ def compare_ages(bone_age_months: float, chronological_age_months: float, male: 
         "ba_minus_ca_months": round(difference, 2),
         "reference_sd_months": None,
         "sds": None,
+        "sds_lower": None,
+        "sds_upper": None,
         "call": None,
         "clinical_note": "",
     }
@@ -108,15 +126,19 @@ def compare_ages(bone_age_months: float, chronological_age_months: float, male: 
         )
         return result
     sds = difference / sd
-    result.update(
-        reference_sd_months=round(sd, 2),
-        sds=round(sds, 2),
-        call="delayed" if sds < -SDS_LIMIT else "advanced" if sds > SDS_LIMIT else "normal",
-    )
+    result.update(reference_sd_months=round(sd, 2), sds=round(sds, 2), call=_call(sds))
+    notes = []
     if abs(sds) > IMPLAUSIBLE_SDS:
         years, rest = divmod(round(chronological_age_months), 12)
-        result["clinical_note"] = (
+        notes.append(
             f"|SDS| over {IMPLAUSIBLE_SDS:g} is rare: check the chronological age ({chronological_age_months:g} "
             f"months = {years}y {rest}m) and the sex"
         )
+    if lower_months is not None and upper_months is not None:
+        ends = [(bound - chronological_age_months) / sd for bound in (lower_months, upper_months)]
+        result.update(sds_lower=round(ends[0], 2), sds_upper=round(ends[1], 2))
+        others = [call for call in ("delayed", "normal", "advanced") if call in map(_call, ends) and call != _call(sds)]
+        if others:
+            notes.append(f"call uncertain: the 90% interval reaches {' and '.join(others)}")
+    result["clinical_note"] = "; ".join(notes)
     return result

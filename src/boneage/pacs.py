@@ -67,16 +67,17 @@ TYPE2_TAGS += ("AccessionNumber", "ReferringPhysicianName")
 
 
 def findings(row: dict[str, Any]) -> list[str]:
-    """The report's lines for one prediction row (no patient identifiers)."""
+    """The report's findings for one prediction row (no patient identifiers), a line each: the rendered report
+    wraps the long ones, ImageComments joins them."""
     if row.get("status") == "not assessable":
         presented = re.search(r": looks ([^;(:]+)", str(row.get("message", "")))  # inverted or turned
         if presented:
             how = presented.group(1).strip()
             fix = "with bone bright" if how.startswith("inverted") else "upright, fingers up"
             reason = f"The image looks {how}; no bone age is given. Send it again {fix}."
-            return ["NOT ASSESSABLE", *textwrap.wrap(reason, 38)]
+            return ["NOT ASSESSABLE", reason]
         reason = f"The image does not look like the hand radiographs the model knows; no bone age is given: {READABLE}."
-        return ["NOT ASSESSABLE", *textwrap.wrap(reason, 38)]
+        return ["NOT ASSESSABLE", reason]
     if row.get("status") != "ok":
         return ["NO RESULT", str(row.get("message", ""))[:200]]
     lines = [f"Bone age {row['bone_age_months']:.1f} months ({row['bone_age']})"]
@@ -90,8 +91,10 @@ def findings(row: dict[str, Any]) -> list[str]:
             lines.append(f"BA - CA {row['ba_minus_ca_months']:+.1f} months")
         if row.get("sds") is not None:
             lines.append(f"SDS {row['sds']:+.2f} ({row['call']})")
+            if row.get("sds_lower") is not None and row.get("sds_upper") is not None:
+                lines.append(f"90% interval SDS {row['sds_lower']:+.2f} to {row['sds_upper']:+.2f}")
         if row.get("message"):  # why there is no SDS, or a check the SDS asks for
-            lines.extend(textwrap.wrap(str(row["message"]), 38)[:4])
+            lines.append(str(row["message"]))
     return lines
 
 
@@ -176,9 +179,11 @@ def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, 
     x, y = width + 16, 16
     draw.text((x, y), "Bone age (automated)", fill=(255, 255, 255), font=title)
     y += 40
-    for line in findings(row):
-        draw.text((x, y), line, fill=(255, 230, 120) if line.isupper() else (255, 255, 255), font=body)
-        y += 28
+    for finding in findings(row):
+        colour = (255, 230, 120) if finding.isupper() else (255, 255, 255)
+        for line in textwrap.wrap(finding, 38)[:6]:
+            draw.text((x, y), line, fill=colour, font=body)
+            y += 28
     footer = [
         f"boneage {__version__}, model {model_name}",
         "Research and decision support, not a medical",

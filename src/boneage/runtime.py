@@ -67,6 +67,8 @@ PREDICTION_COLUMNS = [
     "chronological_age_months",
     "ba_minus_ca_months",
     "sds",
+    "sds_lower",
+    "sds_upper",
     "call",
     "status",
     "message",
@@ -319,7 +321,9 @@ def finish_row(
         message="",
     )
     if regression and chronological_age is not None:
-        clinical = compare_ages(months, chronological_age, bool(row["male"]))
+        clinical = compare_ages(
+            months, chronological_age, bool(row["male"]), row.get("lower_months"), row.get("upper_months")
+        )
         row["message"] = clinical.pop("clinical_note")
         row.update(clinical)
 
@@ -529,6 +533,8 @@ _NUMERIC_COLUMNS = {
     "chronological_age_months",
     "ba_minus_ca_months",
     "sds",
+    "sds_lower",
+    "sds_upper",
 }
 
 
