@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from boneage.clinical import REFERENCE_SD, compare_ages, parse_chronological_age, reference_band, reference_sd
+from boneage.clinical import (
+    REFERENCE_SD,
+    compare_ages,
+    compare_reading,
+    parse_chronological_age,
+    reference_band,
+    reference_sd,
+)
 from boneage.predict import predict_paths, resolve_ages
 from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
 
@@ -135,3 +142,13 @@ def test_monochrome1_dicom_gives_the_same_age_as_its_inverted_png(tmp_path):
     months, _ = predictor.predict_tensor(images, torch.zeros(3, dtype=torch.long))
     assert abs(float(months[0] - months[1])) <= 0.5
     assert abs(float(months[0] - months[2])) > 2.0  # not inverting would change the age: the check can fail
+
+
+def test_a_reading_outside_the_interval_is_noted():
+    inside = compare_reading(144.4, 136.0, 126.9, 161.9)
+    assert inside == {"reader_bone_age_months": 136.0, "reader_minus_model_months": -8.4, "reading_note": ""}
+    outside = compare_reading(144.4, 170.0, 126.9, 161.9)
+    assert outside["reader_minus_model_months"] == 25.6
+    assert outside["reading_note"].startswith("the reader's 170 months is outside the model's 90% interval (127-162")
+    assert compare_reading(144.4, 126.0, 126.9, 161.9)["reading_note"] != ""  # below the interval too
+    assert compare_reading(144.4, 170.0)["reading_note"] == ""  # no interval, nothing to judge against

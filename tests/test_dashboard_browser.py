@@ -122,11 +122,16 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
         "return svg.querySelector('.band').isPointInFill(at);"
     )
     assert inside == (call == "normal")
+    assert not browser.find_element(By.ID, "reading-row").is_displayed()  # no reading given
     browser.find_element(By.ID, "age-years").clear()  # the next upload has no age: no chart
+    browser.find_element(By.ID, "reading-years").send_keys("19")  # a reading far from the model's
     browser.find_element(By.ID, "submit").click()
     _wait_for(browser, lambda d: d.find_element(By.ID, "report").is_displayed())
     assert browser.find_element(By.ID, "chronological").text == "not given"
     assert not browser.find_element(By.ID, "chart").is_displayed()
+    reading = browser.find_element(By.ID, "reading").text
+    assert reading.startswith("228.0 months (19y 0m), +") and "months from the model" in reading
+    assert "is outside the model's 90% interval" in reading and "reader" not in browser.find_element(By.ID, "sds").text
 
 
 def test_a_result_prints_without_the_form(server, browser, tmp_path):

@@ -109,6 +109,8 @@ def test_report_files_into_the_source_study_as_a_new_series(tmp_path):
     assert np.array_equal(back.pixel_array, picture)
     assert "Bone age 131.2 months (10y 11m)" in back.ImageComments and "SDS +1.03 (normal)" in back.ImageComments
     assert "90% interval SDS -0.46 to +2.52; call uncertain: the 90% interval reaches advanced" in back.ImageComments
+    read = findings({**OK_ROW, "reader_bone_age_months": 150.0, "reader_minus_model_months": 18.8, "message": "x"})
+    assert read[-2:] == ["Reader 150 months (+18.8)", "x"]
     assert back.BurnedInAnnotation == "NO" and "Doe" not in " ".join(findings(OK_ROW))
 
 

@@ -236,6 +236,30 @@ def test_resume_keeps_what_a_stopped_run_wrote_and_predicts_the_rest(image_folde
         predict_paths([image_folder], other, model_dir=model_dir, sex="M", progress=False, resume=True)
 
 
+def test_a_readers_bone_age_is_set_beside_the_models(image_folder, model_dir, tmp_path):
+    from boneage.uncertainty import store_interval
+
+    store_interval(model_dir, {"half_width_months": 10.0, "coverage_nominal": 0.9})
+    out = tmp_path / "preds.csv"
+    first = predict_paths([image_folder], out, model_dir=model_dir, sex="F", progress=False).set_index("id")
+    model = first.at["a", "bone_age_months"]
+    labels = tmp_path / "labels.csv"  # a labels CSV as metadata: its boneage is a reader's reading
+    labels.write_text(f"id,boneage,male\na,{model + 3:.2f},F\nc,{model + 40:.2f},M\nbroken,100,F\n")
+    table = predict_paths([image_folder], out, model_dir=model_dir, metadata=labels, progress=False).set_index("id")
+    assert table.at["a", "reader_minus_model_months"] == pytest.approx(3.0, abs=0.01)
+    assert table.at["a", "message"] == ""  # inside the interval
+    assert table.at["c", "message"].startswith(f"the reader's {model + 40:.2f} months is outside the model's 90%")
+    assert table.at["broken", "reader_bone_age_months"] == 100.0 and table.at["broken", "status"] == "error"
+    assert pd.isna(table.at["b", "reader_bone_age_months"])  # not in the labels: no reading
+    written = pd.read_csv(out, dtype={"id": str}).set_index("id")
+    assert written.at["c", "reader_bone_age_months"] == pytest.approx(model + 40, abs=0.01)
+    single = predict_paths([image_folder / "a.png"], out, model_dir=model_dir, sex="F", reading=60, progress=False)
+    assert single.at[0, "reader_bone_age_months"] == 60.0
+    labels.write_text("id,boneage,male\na,old,F\n")
+    with pytest.raises(ValueError, match="id a, boneage: expected a number of months"):
+        predict_paths([image_folder], out, model_dir=model_dir, metadata=labels, progress=False)
+
+
 def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, model_dir, tmp_path, capsys):
     from boneage.predict import resolve_sexes
 

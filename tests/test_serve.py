@@ -77,6 +77,32 @@ def test_a_tiff_upload_reads_like_the_same_png(client):
     assert ages[1]["status"] == "ok" and ages[1]["bone_age_months"] == pytest.approx(ages[0]["bone_age_months"])
 
 
+def test_the_readers_bone_age_comes_back_beside_the_models(tmp_path):
+    from boneage.uncertainty import store_interval
+
+    model_dir = make_tiny_model(tmp_path / "calibrated")
+    store_interval(model_dir, {"half_width_months": 10.0, "coverage_nominal": 0.9})
+    calibrated = TestClient(create_app(model_dir), raise_server_exceptions=False)
+
+    def post(reading: str) -> dict:
+        response = calibrated.post(
+            "/api/v1/predict",
+            files={"file": ("h.png", HAND, "image/png")},
+            data={"sex": "F", "chronological_age_months": "96", "reader_bone_age_months": reading},
+        )
+        return {"status_code": response.status_code, **response.json()}
+
+    model = post("")["bone_age_months"]
+    near, far = post(f"{model + 2:.2f}"), post(f"{model + 30:.2f}")
+    assert near["reader_minus_model_months"] == pytest.approx(2.0, abs=0.01) and near["reading_note"] == ""
+    assert far["reader_minus_model_months"] == pytest.approx(30.0, abs=0.01)
+    assert far["reading_note"].startswith(f"the reader's {model + 30:.2f} months is outside the model's 90% interval")
+    assert far["message"] == "; ".join(note for note in (far["clinical_note"], far["reading_note"]) if note)
+    assert far["sds"] == near["sds"]  # the SDS is the model's bone age against the age, whatever the reading
+    bad = post("twelve")
+    assert bad["status_code"] == 422 and "reader_bone_age_months" in bad["detail"]
+
+
 def test_gradcam_images_are_returned_as_png(client):
     response = client.post(
         "/api/v1/predict", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F", "gradcam": "true"}

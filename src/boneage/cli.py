@@ -115,6 +115,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         chronological_age=args.age,
         gradcam_dir=args.gradcam,
         resume=args.resume,
+        reading=args.reading,
     )
     if args.dicom_report:
         from boneage.pacs import write_reports
@@ -136,7 +137,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     if pd.notna(row.sds):
                         spread = f" ({row.sds_lower:+.2f} to {row.sds_upper:+.2f})" if pd.notna(row.sds_lower) else ""
                         clinical += f", SDS {row.sds:+.2f}{spread}, {row.call}"
-                    clinical += f"; {row.message}" if row.message else ""
+                if pd.notna(row.reader_bone_age_months):
+                    clinical += f"; reader {row.reader_bone_age_months:g} months ({row.reader_minus_model_months:+.1f})"
+                clinical += f"; {row.message}" if row.message else ""
                 print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]{clinical}")
             else:
                 print(f"{row.id}: {row.status}: {row.message}")
@@ -397,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--age",
         metavar="MONTHS",
         help="chronological age in months, for every image without metadata (adds BA-CA, SDS and the call)",
+    )
+    predict.add_argument(
+        "--reading",
+        metavar="MONTHS",
+        help="your own bone age reading in months, for every image without reader_bone_age_months (or a labels "
+        "CSV's boneage) in the metadata: set beside the model's, with a note when it is outside the 90%% interval",
     )
     predict.add_argument("--gradcam", metavar="DIR", help="write each image's Grad-CAM overlay PNG here")
     predict.add_argument(

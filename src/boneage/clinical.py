@@ -142,3 +142,30 @@ def compare_ages(
             notes.append(f"call uncertain: the 90% interval reaches {' and '.join(others)}")
     result["clinical_note"] = "; ".join(notes)
     return result
+
+
+def compare_reading(
+    bone_age_months: float,
+    reading_months: float,
+    lower_months: float | None = None,
+    upper_months: float | None = None,
+) -> dict[str, Any]:
+    """A reader's own bone age against the model's: ``reader_bone_age_months``, ``reader_minus_model_months`` and a
+    ``reading_note`` when the reading lies outside the model's 90% interval (``lower_months``-``upper_months``), the
+    case a second reader exists for.
+
+    Example:
+        >>> compare_reading(144.4, 170.0, 126.9, 161.9)["reading_note"]
+        "the reader's 170 months is outside the model's 90% interval (127-162 months): worth a second look"
+    """
+    result: dict[str, Any] = {
+        "reader_bone_age_months": round(reading_months, 2),
+        "reader_minus_model_months": round(reading_months - bone_age_months, 2),
+        "reading_note": "",
+    }
+    if lower_months is not None and upper_months is not None and not lower_months <= reading_months <= upper_months:
+        result["reading_note"] = (
+            f"the reader's {reading_months:g} months is outside the model's 90% interval "
+            f"({lower_months:.0f}-{upper_months:.0f} months): worth a second look"
+        )
+    return result

@@ -93,8 +93,10 @@ def findings(row: dict[str, Any]) -> list[str]:
             lines.append(f"SDS {row['sds']:+.2f} ({row['call']})")
             if row.get("sds_lower") is not None and row.get("sds_upper") is not None:
                 lines.append(f"90% interval SDS {row['sds_lower']:+.2f} to {row['sds_upper']:+.2f}")
-        if row.get("message"):  # why there is no SDS, or a check the SDS asks for
-            lines.append(str(row["message"]))
+    if row.get("reader_bone_age_months") is not None and row.get("reader_minus_model_months") is not None:
+        lines.append(f"Reader {row['reader_bone_age_months']:g} months ({row['reader_minus_model_months']:+.1f})")
+    if row.get("message"):  # why there is no SDS, a check the SDS asks for, a reading outside the interval
+        lines.append(str(row["message"]))
     return lines
 
 

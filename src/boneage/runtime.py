@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from boneage.clinical import compare_ages, parse_chronological_age
+from boneage.clinical import compare_ages, compare_reading, parse_chronological_age
 from boneage.config import BoneAgeError, contract_from_description
 from boneage.imageio import (
+    AGE_HEADERS,
     ID_HEADERS,
     MALE_HEADERS,
     SEX_HEADERS,
@@ -70,6 +71,8 @@ PREDICTION_COLUMNS = [
     "sds_lower",
     "sds_upper",
     "call",
+    "reader_bone_age_months",
+    "reader_minus_model_months",
     "status",
     "message",
 ]
@@ -210,6 +213,45 @@ def resolve_ages(
     return ages
 
 
+READING_HEADERS = ("reader_bone_age_months", *AGE_HEADERS)  # a labels CSV's bone age is a reader's reading
+
+
+def resolve_readings(
+    files: Sequence[Path], reading: float | str | None = None, metadata: str | Path | None = None
+) -> list[float | None]:
+    """Each file's bone age as a reader read it, in months, to set beside the model's: the metadata CSV's
+    ``reader_bone_age_months`` (or a labels CSV's ``boneage``) for its id, else ``reading``; None where neither says.
+
+    Raises:
+        ValueError: a reading is not a number of months in [0, 240], naming where it came from.
+    """
+    default = parse_chronological_age(reading, "--reading")
+    table = read_metadata(metadata) if metadata else None
+    column = pick_column(table.columns, READING_HEADERS) if table is not None else None
+    readings: list[float | None] = []
+    for path in files:
+        value, key = None, image_id(path)
+        if column is not None and key in table.index:
+            value = parse_chronological_age(table.at[key, column], f"{metadata}: id {key}, {column}")
+        readings.append(value if value is not None else default)
+    return readings
+
+
+def add_reading(row: dict[str, Any], reading: float | None) -> None:
+    """Set a reader's bone age beside a predicted row's (:func:`boneage.clinical.compare_reading`); its note, when the
+    reading lies outside the interval, joins the row's message."""
+    if reading is None:
+        return
+    row["reader_bone_age_months"] = round(reading, 2)  # kept also when the model gives no age
+    if row.get("status") != "ok" or row.get("bone_age_months") is None:
+        return
+    compared = compare_reading(row["bone_age_months"], reading, row.get("lower_months"), row.get("upper_months"))
+    note = row["reading_note"] = compared.pop("reading_note")
+    row.update(compared)
+    if note:
+        row["message"] = "; ".join(part for part in (row.get("message"), note) if part)
+
+
 def format_age(months: float) -> str:
     """182.4 -> '15y 2m'."""
     total = int(round(months))
@@ -324,7 +366,7 @@ def finish_row(
         clinical = compare_ages(
             months, chronological_age, bool(row["male"]), row.get("lower_months"), row.get("upper_months")
         )
-        row["message"] = clinical.pop("clinical_note")
+        row["message"] = row["clinical_note"] = clinical.pop("clinical_note")
         row.update(clinical)
 
 
@@ -535,6 +577,8 @@ _NUMERIC_COLUMNS = {
     "sds",
     "sds_lower",
     "sds_upper",
+    "reader_bone_age_months",
+    "reader_minus_model_months",
 }
 
 
@@ -595,6 +639,7 @@ def predict_paths(
     chronological_age: float | str | None = None,
     gradcam_dir: str | Path | None = None,
     resume: bool = False,
+    reading: float | str | None = None,
 ) -> Any:
     """Predict every image under ``paths`` and write ``output`` (CSV) row by row.
 
@@ -613,6 +658,8 @@ def predict_paths(
             files without either use PatientAge or the birth and study dates. Adds BA - CA, SDS and the call.
         gradcam_dir: write ``<id>_gradcam.png`` (the radiograph beside its Grad-CAM overlay) here for every
             predicted image, and its path in a ``gradcam_path`` column (needs PyTorch).
+        reading: a reader's bone age in months, for every image without ``reader_bone_age_months`` (or a labels
+            CSV's ``boneage``) in the metadata: set beside the model's, with a note when it lies outside the interval.
         resume: keep the rows that a stopped run of the same command already wrote to ``output`` (predicted or
             refused; error rows are tried again) and predict only the other files; without it ``output`` is
             overwritten.
@@ -637,6 +684,7 @@ def predict_paths(
         logger.info("%s: resuming: %d rows kept, %d images to predict", output, len(rows), len(files))
     sexes = resolve_sexes(files, sex, metadata)
     ages = resolve_ages(files, chronological_age, metadata)
+    readings = resolve_readings(files, reading, metadata)
     if gradcam_dir is not None:
         if backend == "onnx":
             raise ValueError("--gradcam needs the PyTorch backend (Grad-CAM takes gradients through the model)")
@@ -660,7 +708,9 @@ def predict_paths(
         handle.flush()
         if gradcam_dir is not None:
             from boneage.predict import save_gradcam
-        for row in predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages):
+        predicted = predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages)
+        for row, reading in zip(predicted, readings):
+            add_reading(row, reading)
             if gradcam_dir is not None and row["status"] == "ok":
                 row["gradcam_path"] = str(save_gradcam(predictor, row["path"], bool(row["male"]), gradcam_dir))
             if as_json:

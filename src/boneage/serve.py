@@ -26,7 +26,7 @@ from typing import Annotated, Any
 from boneage import __version__
 from boneage.clinical import REFERENCE, SDS_LIMIT, parse_chronological_age, reference_band
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
-from boneage.runtime import PREDICTION_COLUMNS, load_predictor, model_name, torch_available
+from boneage.runtime import PREDICTION_COLUMNS, add_reading, load_predictor, model_name, torch_available
 
 logger = logging.getLogger("boneage.serve")
 
@@ -101,9 +101,12 @@ class BoneAgeService:
             "interval_coverage": description.get("uncertainty", {}).get("evaluation", {}).get("coverage"),
         }
 
-    def _read(self, path: Path, suffix: str, sex: str | None, age: str | None) -> dict[str, Any]:
+    def _read(
+        self, path: Path, suffix: str, sex: str | None, age: str | None, reading: str | None = None
+    ) -> dict[str, Any]:
         """Sex and age from the form, else the DICOM header; then the prediction row (``predict_files``, under the
-        lock). Raises InputError for anything the client must fix."""
+        lock), with the reader's own bone age beside it when one was sent. Raises InputError for anything the client
+        must fix."""
         male = None
         if sex is not None and sex.strip():
             male = parse_sex(sex.strip())
@@ -111,6 +114,7 @@ class BoneAgeService:
                 raise InputError(422, f"sex: expected M or F, got {sex!r}")
         try:
             chronological = parse_chronological_age(age, "chronological_age_months")
+            reader_months = parse_chronological_age(reading, "reader_bone_age_months")
         except ValueError as err:
             raise InputError(422, str(err)) from None
         header = dicom_patient_info(path) if suffix == ".dcm" else {"male": None, "age_months": None}
@@ -130,16 +134,19 @@ class BoneAgeService:
             message = row["message"].replace(str(path), "upload")
             raise InputError(413 if "exceeds the limit" in message else 400, message)
         row.update(sex_source=sex_source, age_source=age_source)
+        add_reading(row, reader_months)
         return row
 
-    def predict(self, data: bytes, sex: str | None, age: str | None, gradcam: bool) -> dict[str, Any]:
+    def predict(
+        self, data: bytes, sex: str | None, age: str | None, gradcam: bool, reading: str | None = None
+    ) -> dict[str, Any]:
         """One upload -> the report dict. Raises InputError for anything the client must fix."""
         suffix = _suffix_for(data)
         with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
             path = Path(folder) / f"upload{suffix}"
             path.write_bytes(data)
             with self.lock:
-                row = self._read(path, suffix, sex, age)
+                row = self._read(path, suffix, sex, age, reading)
                 if row["status"] == "not assessable":
                     raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
                 images = None
@@ -152,6 +159,9 @@ class BoneAgeService:
         report = {k: row.get(k) for k in PREDICTION_COLUMNS if k not in ("id", "path")}  # every field, None if unknown
         report.update(sex="M" if row["male"] else "F", sex_source=row["sex_source"], age_source=row["age_source"])
         report["sds_reference"] = REFERENCE if report.get("sds") is not None else None
+        # the message's parts, for a client that shows them in different places
+        report["clinical_note"] = row.get("clinical_note", "")
+        report["reading_note"] = row.get("reading_note", "")
         # the normal range for the chart of bone age against age: age -/+ 2 SD at the reference table's ages
         report["reference_band"] = (
             {**reference_band(row["male"]), "sds_limit": SDS_LIMIT, "reference": REFERENCE}
@@ -168,7 +178,7 @@ class BoneAgeService:
                 report["gradcam_png"] = _png_base64(images[1])
         return report
 
-    def dicom_report(self, data: bytes, sex: str | None, age: str | None) -> bytes:
+    def dicom_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
         """One DICOM upload -> its report as a DICOM Secondary Capture in the same study (:mod:`boneage.pacs`)."""
         import pydicom
 
@@ -180,7 +190,7 @@ class BoneAgeService:
             path = Path(folder) / "upload.dcm"
             path.write_bytes(data)
             with self.lock:
-                row = self._read(path, ".dcm", sex, age)
+                row = self._read(path, ".dcm", sex, age, reading)
             name = model_name(self.predictor.model_dir)
             report = report_dataset(
                 pydicom.dcmread(path, stop_before_pixels=True), render_report(path, row, name), row, name
@@ -261,6 +271,10 @@ def create_app(
     AgeForm = Annotated[  # noqa: N806
         str | None, Form(description="months; DICOM PatientAge or birth/study dates when omitted")
     ]
+    ReadingForm = Annotated[  # noqa: N806
+        str | None,
+        Form(description="the reader's own bone age in months, set beside the model's; noted if outside its interval"),
+    ]
 
     @app.get("/api/v1/health")
     def health() -> dict[str, Any]:
@@ -275,11 +289,13 @@ def create_app(
         gradcam: Annotated[
             bool, Form(description="also return the radiograph and its Grad-CAM overlay as PNG base64")
         ] = False,
+        reader_bone_age_months: ReadingForm = None,
     ) -> dict[str, Any]:
-        """Bone age (months), 90% interval, stage; with a chronological age also BA - CA, SDS and the call."""
+        """Bone age (months), 90% interval, stage; with a chronological age also BA - CA, SDS and the call; with the
+        reader's own bone age, the difference and whether it lies outside the interval."""
         data = read_upload(file)
         try:
-            return service.predict(data, sex, chronological_age_months, gradcam)
+            return service.predict(data, sex, chronological_age_months, gradcam, reader_bone_age_months)
         except ImageReadError as err:  # defensive: predict_files normally turns these into rows
             raise InputError(400, str(err)) from None
 
@@ -288,11 +304,12 @@ def create_app(
         file: Annotated[UploadFile, File(description="DICOM radiograph of the left hand")],
         sex: SexForm = None,
         chronological_age_months: AgeForm = None,
+        reader_bone_age_months: ReadingForm = None,
     ) -> Response:
         """The report as a DICOM Secondary Capture (application/dicom) in the upload's patient and study, a new
         series, to import into the PACS; an image that is not assessable gets a report saying so."""
         data = read_upload(file)
-        content = service.dicom_report(data, sex, chronological_age_months)
+        content = service.dicom_report(data, sex, chronological_age_months, reader_bone_age_months)
         headers = {"Content-Disposition": 'attachment; filename="bone-age-report.dcm"'}
         return Response(content, media_type="application/dicom", headers=headers)
 
