@@ -123,14 +123,21 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
     )
     assert inside == (call == "normal")
     assert not browser.find_element(By.ID, "reading-row").is_displayed()  # no reading given
+    assert not browser.find_elements(By.ID, "chart-reading")
+    browser.find_element(By.ID, "reading-years").send_keys("19")  # a reading far above the model's
+    browser.find_element(By.ID, "submit").click()
+    _wait_for(browser, lambda d: d.find_elements(By.ID, "chart-reading"))
+    reading_y, point_y = (
+        float(browser.find_element(By.ID, key).get_attribute("cy")) for key in ("chart-reading", "chart-point")
+    )
+    assert reading_y < point_y  # drawn higher on the chart: an older bone age
     browser.find_element(By.ID, "age-years").clear()  # the next upload has no age: no chart
-    browser.find_element(By.ID, "reading-years").send_keys("19")  # a reading far from the model's
     browser.find_element(By.ID, "submit").click()
     _wait_for(browser, lambda d: d.find_element(By.ID, "report").is_displayed())
     assert browser.find_element(By.ID, "chronological").text == "not given"
     assert not browser.find_element(By.ID, "chart").is_displayed()
     reading = browser.find_element(By.ID, "reading").text
-    assert reading.startswith("228.0 months (19y 0m), +") and "months from the model" in reading
+    assert reading.startswith("228.0 months (19y 0m), ") and "months above the model's" in reading
     assert "is outside the model's 90% interval" in reading and "reader" not in browser.find_element(By.ID, "sds").text
 
 

@@ -1,7 +1,8 @@
 """Screenshot of the dashboard after uploading one radiograph (headless Chromium via Selenium).
 
 Usage (from the repository root):
-    python tools/dashboard_screenshot.py IMAGE --sex F --age-years 12 --output dashboard.png [--model DIR]
+    python tools/dashboard_screenshot.py IMAGE --sex F --age-years 12 [--reading-years 14] --output dashboard.png
+        [--model DIR]
 
 The screenshot shows whatever image is uploaded; do not commit screenshots of patient or dataset images.
 """
@@ -21,6 +22,8 @@ def main() -> None:
     parser.add_argument("--sex", choices=("M", "F"), required=True)
     parser.add_argument("--age-years", default="")
     parser.add_argument("--age-months", default="")
+    parser.add_argument("--reading-years", default="", help="your own reading, to show beside the model's")
+    parser.add_argument("--reading-months", default="")
     parser.add_argument("--model")
     parser.add_argument("--output", default="dashboard.png")
     args = parser.parse_args()
@@ -54,6 +57,8 @@ def main() -> None:
         Select(driver.find_element(By.ID, "sex")).select_by_value(args.sex)
         driver.find_element(By.ID, "age-years").send_keys(args.age_years)
         driver.find_element(By.ID, "age-months").send_keys(args.age_months)
+        driver.find_element(By.ID, "reading-years").send_keys(args.reading_years)
+        driver.find_element(By.ID, "reading-months").send_keys(args.reading_months)
         driver.find_element(By.ID, "submit").click()
         WebDriverWait(driver, 120).until(
             lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text
