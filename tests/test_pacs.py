@@ -79,6 +79,11 @@ def test_age_chart_puts_the_child_at_age_and_bone_age():
     assert step > 40 and abs(older[1] - base[1]) < 1  # 4 years later: to the right, same height
     # 4 years more bone age: up by the same distance (both axes on one scale), not sideways
     assert higher[0] == pytest.approx(base[0], abs=1) and base[1] - higher[1] == pytest.approx(step, abs=2)
+    # a reader's bone age 4 years above the model's: a white open circle one step above the point
+    read = np.asarray(render_age_chart({**symmetric, "reader_bone_age_months": months + 48}))
+    white = np.argwhere((read == 255).all(axis=-1))
+    near = white[(np.abs(white[:, 1] - base[0]) < 12) & (np.abs(white[:, 0] - (base[1] - step)) < 12)]
+    assert len(near) > 10 and not (np.asarray(render_age_chart(symmetric))[tuple(near.T)] == 255).all()
 
 
 def test_report_shows_the_chart_only_with_an_age(tmp_path):
@@ -86,6 +91,17 @@ def test_report_shows_the_chart_only_with_an_age(tmp_path):
     without_age = {**OK_ROW, "chronological_age_months": None, "ba_minus_ca_months": None, "sds": None, "call": None}
     assert render_age_chart(without_age) is None and render_age_chart({"status": "not assessable"}) is None
     assert render_report(source, OK_ROW, "m").shape[1] > render_report(source, without_age, "m").shape[1]
+
+
+@pytest.mark.parametrize("words", [20, 400])
+def test_long_findings_shrink_or_are_cut_above_the_footer(tmp_path, words):
+    source = _source(tmp_path / "in.dcm")
+    row = {**OK_ROW, "reader_bone_age_months": 170.0, "reader_minus_model_months": 38.8}
+    row["message"] = " ".join(["note"] * words)
+    panel = render_report(source, row, "m")[:, 512:932]  # the findings panel, between radiograph and chart
+    footer_top = 512 - 16 - 18 * 3
+    assert panel[footer_top - 7 : footer_top].max() == 0  # a clear gap: no finding runs into the footer
+    assert panel[footer_top : footer_top + 12].max() > 0 and panel[60:120].max() > 0  # footer and findings drawn
 
 
 def test_report_files_into_the_source_study_as_a_new_series(tmp_path):

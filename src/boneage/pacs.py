@@ -112,7 +112,8 @@ CALL_COLOURS = {
 def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
     """The chart of bone age against chronological age (a ``size`` x ``size`` PIL image): the normal range (the
     reference age -/+ 2 SD, :func:`boneage.clinical.reference_band`), the line bone age = age, and this child at
-    (age, bone age) with the 90% interval as a bar, coloured by the call. None without a bone age and an age."""
+    (age, bone age) with the 90% interval as a bar, coloured by the call, and a reader's own bone age, when given, as
+    an open circle. None without a bone age and an age."""
     from PIL import Image, ImageDraw, ImageFont
 
     if row.get("status") != "ok" or row.get("chronological_age_months") is None:
@@ -158,6 +159,10 @@ def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
     x, y = xy(age, bone_age)
     radius = max(4, size // 70)
     draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    if row.get("reader_bone_age_months") is not None:  # the reader's own bone age: an open circle
+        x, y = xy(age, row["reader_bone_age_months"])
+        draw.ellipse([x - radius - 1, y - radius - 1, x + radius + 1, y + radius + 1], outline=(255, 255, 255), width=2)
+        draw.text((x + radius + 4, y), "reader", fill=(255, 255, 255), font=font, anchor="lm")
     return chart
 
 
@@ -177,20 +182,30 @@ def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, 
     if chart is not None:
         canvas.paste(chart, (width + panel_width, (height - chart.height) // 2))
     draw = ImageDraw.Draw(canvas)
-    title, body, small = (ImageFont.load_default(size=s) for s in (22, 19, 13))
+    title, small = ImageFont.load_default(size=22), ImageFont.load_default(size=13)
     x, y = width + 16, 16
     draw.text((x, y), "Bone age (automated)", fill=(255, 255, 255), font=title)
     y += 40
-    for finding in findings(row):
-        colour = (255, 230, 120) if finding.isupper() else (255, 255, 255)
-        for line in textwrap.wrap(finding, 38)[:6]:
-            draw.text((x, y), line, fill=colour, font=body)
-            y += 28
     footer = [
         f"boneage {__version__}, model {model_name}",
         "Research and decision support, not a medical",
         "device: a clinician reads the film.",
     ]
+    room = height - 16 - 18 * len(footer) - 8 - y  # between the title and the footer
+    # the largest type whose wrapped findings fit (a long note and a reading take more lines), else cut with "..."
+    found = findings(row)
+
+    def wrapped(columns: int) -> list[tuple[str, bool]]:
+        return [(line, finding.isupper()) for finding in found for line in textwrap.wrap(finding, columns)[:6]]
+
+    types = [(19, 28, 38), (16, 23, 45), (14, 20, 52)]  # font size, line spacing, characters per line
+    size, spacing, columns = next((t for t in types if len(wrapped(t[2])) * t[1] <= room), types[-1])
+    lines, body, fits = wrapped(columns), ImageFont.load_default(size=size), room // spacing
+    if len(lines) > fits:
+        lines = lines[: fits - 1] + [("...", False)]
+    for line, heading in lines:
+        draw.text((x, y), line, fill=(255, 230, 120) if heading else (255, 255, 255), font=body)
+        y += spacing
     for k, line in enumerate(footer):
         draw.text((x, height - 16 - 18 * (len(footer) - k)), line, fill=(170, 170, 170), font=small)
     return np.asarray(canvas)
