@@ -166,6 +166,50 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chart(args: argparse.Namespace) -> int:
+    import csv
+
+    from boneage.followup import FOLLOW_UP_COLUMNS, follow_up, overall_change, read_predictions
+    from boneage.pacs import render_age_chart
+    from boneage.runtime import format_age
+
+    course, skipped = follow_up(read_predictions(args.predictions))
+
+    def change(c: dict[str, typing.Any]) -> str:
+        ratio = f", ratio {c['change_ratio']:.2f}" if c["change_ratio"] is not None else ""
+        error = f", error +/-{c['change_error_months']:.0f}" if c["change_error_months"] is not None else ""
+        return (
+            f"{c['age_change_months']:+.1f} months of age, {c['bone_age_change_months']:+.1f} of bone age"
+            f"{ratio}{error}: {c['change_call']}"
+        )
+
+    for visit in course:
+        age = format_age(visit["chronological_age_months"])
+        line = f"{visit['id']}: age {age}, bone age {visit['bone_age_months']:.1f}"
+        if visit["lower_months"] is not None:
+            line += f" ({visit['lower_months']:.0f}-{visit['upper_months']:.0f})"
+        if visit["sds"] is not None:
+            line += f", SDS {visit['sds']:+.2f}, {visit['call']}"
+        if visit.get("age_change_months") is not None:
+            line += f"; since the visit before: {change(visit)}"
+        print(line)
+    if (overall := overall_change(course)) is not None:
+        print(f"first to last visit: {change(overall)}")
+    for reason in skipped:
+        print(f"  left out: {reason}", file=sys.stderr)
+    chart = render_age_chart(course, size=args.size)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    chart.save(args.output)
+    print(f"wrote {args.output}: {len(course)} visit(s)")
+    if args.table:
+        with open(args.table, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FOLLOW_UP_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(course)
+        print(f"wrote {args.table}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from boneage.evaluate import evaluate, format_report
 
@@ -467,6 +511,20 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
     listen.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"), help="inference engine")
     listen.set_defaults(func=_cmd_listen)
+
+    chart = commands.add_parser(
+        "chart",
+        help="one child's visits on the chart of bone age against age, with the change between visits",
+        description="Read a boneage predict output holding one child's radiographs (with chronological ages, e.g. "
+        "from the DICOM headers) and draw the course on the chart of bone age against age; print each visit's "
+        "change in bone age against its change in age, called faster or slower than age only beyond the two "
+        "intervals combined.",
+    )
+    chart.add_argument("predictions", help="predictions CSV or JSON from boneage predict (one child)")
+    chart.add_argument("--output", default="course.png", help="chart PNG (default: course.png)")
+    chart.add_argument("--table", help="also write the visits and changes as CSV")
+    chart.add_argument("--size", type=int, default=600, help="chart side in pixels (default: 600)")
+    chart.set_defaults(func=_cmd_chart)
 
     evaluate = commands.add_parser("evaluate", help="score a prediction CSV against labels (MAE, QWK, per sex ...)")
     evaluate.add_argument("--predictions", required=True, help="CSV from boneage predict (id,bone_age_months,...)")

@@ -109,15 +109,20 @@ CALL_COLOURS = {
 }
 
 
-def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
+def render_age_chart(row: dict[str, Any] | list[dict[str, Any]], size: int = 420) -> Any:
     """The chart of bone age against chronological age (a ``size`` x ``size`` PIL image): the normal range (the
     reference age -/+ 2 SD, :func:`boneage.clinical.reference_band`), the line bone age = age, and this child at
     (age, bone age) with the 90% interval as a bar, coloured by the call, and a reader's own bone age, when given, as
-    an open circle. None without a bone age and an age."""
+    an open circle. ``row`` may be a list of one child's visits (one sex): they are joined in order of age. None
+    without a bone age and an age."""
     from PIL import Image, ImageDraw, ImageFont
 
-    if row.get("status") != "ok" or row.get("chronological_age_months") is None:
+    rows = [row] if isinstance(row, dict) else list(row)
+    visits = [r for r in rows if r.get("status") == "ok" and r.get("chronological_age_months") is not None]
+    if not visits:
         return None
+    visits.sort(key=lambda r: float(r["chronological_age_months"]))
+    male = bool(visits[0]["male"])
     left, top, side = round(size * 0.12), round(size * 0.08), round(size * 0.81)
     font = ImageFont.load_default(size=max(10, size // 32))
 
@@ -127,7 +132,7 @@ def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
 
     chart = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(chart)
-    band = reference_band(bool(row["male"]))
+    band = reference_band(male)
     outline = [xy(a, b) for a, b in zip(band["ages_months"], band["lower_months"])]
     outline += [xy(a, b) for a, b in reversed(list(zip(band["ages_months"], band["upper_months"])))]
     draw.polygon(outline, fill=(62, 66, 74))
@@ -140,7 +145,7 @@ def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
     draw.rectangle([left, top, left + side, top + side], outline=(170, 170, 170))
     for start in range(0, int(CHART_MAX_MONTHS), 8):  # the line bone age = age, dashed
         draw.line([xy(start, start), xy(start + 4, start + 4)], fill=(140, 140, 140), width=1)
-    sex = "boys" if row["male"] else "girls"
+    sex = "boys" if male else "girls"
     draw.text((left, top - 8), f"bone age (y) against age (y), {sex}", fill=(255, 255, 255), font=font, anchor="lb")
     draw.text(
         (left + side, top + side + 10 + font.size),
@@ -149,20 +154,25 @@ def render_age_chart(row: dict[str, Any], size: int = 420) -> Any:
         font=font,
         anchor="rt",
     )
-    colour = CALL_COLOURS.get(row.get("call"), CALL_COLOURS[None])
-    age, bone_age = row["chronological_age_months"], row["bone_age_months"]
-    if row.get("lower_months") is not None and row.get("upper_months") is not None:
-        (x, low), (_, high) = xy(age, row["lower_months"]), xy(age, row["upper_months"])
-        draw.line([(x, low), (x, high)], fill=colour, width=3)
-        draw.line([(x - 6, low), (x + 6, low)], fill=colour, width=2)
-        draw.line([(x - 6, high), (x + 6, high)], fill=colour, width=2)
-    x, y = xy(age, bone_age)
+    if len(visits) > 1:  # one child's course
+        draw.line([xy(r["chronological_age_months"], r["bone_age_months"]) for r in visits], fill=(200, 200, 200))
     radius = max(4, size // 70)
-    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-    if row.get("reader_bone_age_months") is not None:  # the reader's own bone age: an open circle
-        x, y = xy(age, row["reader_bone_age_months"])
-        draw.ellipse([x - radius - 1, y - radius - 1, x + radius + 1, y + radius + 1], outline=(255, 255, 255), width=2)
-        draw.text((x + radius + 4, y), "reader", fill=(255, 255, 255), font=font, anchor="lm")
+    for visit in visits:
+        colour = CALL_COLOURS.get(visit.get("call"), CALL_COLOURS[None])
+        age, bone_age = visit["chronological_age_months"], visit["bone_age_months"]
+        if visit.get("lower_months") is not None and visit.get("upper_months") is not None:
+            (x, low), (_, high) = xy(age, visit["lower_months"]), xy(age, visit["upper_months"])
+            draw.line([(x, low), (x, high)], fill=colour, width=3)
+            draw.line([(x - 6, low), (x + 6, low)], fill=colour, width=2)
+            draw.line([(x - 6, high), (x + 6, high)], fill=colour, width=2)
+        x, y = xy(age, bone_age)
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+        if visit.get("reader_bone_age_months") is not None:  # the reader's own bone age: an open circle
+            x, y = xy(age, visit["reader_bone_age_months"])
+            box = [x - radius - 1, y - radius - 1, x + radius + 1, y + radius + 1]
+            draw.ellipse(box, outline=(255, 255, 255), width=2)
+            if len(visits) == 1:
+                draw.text((x + radius + 4, y), "reader", fill=(255, 255, 255), font=font, anchor="lm")
     return chart
 
 
