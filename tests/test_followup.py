@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -80,5 +81,9 @@ def test_boneage_chart_draws_the_course_and_writes_the_table(tmp_path, capsys):
         "not distinguishable from age",
         "faster than age",
     ]
+    as_json = tmp_path / "child.json"  # the JSON output reads the same
+    as_json.write_text(json.dumps({"model": {}, "predictions": rows}))
+    assert main(["chart", str(as_json), "--output", str(chart), "--table", str(table)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(table, dtype={"id": str}), written, check_dtype=False)
     assert main(["chart", str(tmp_path / "absent.csv"), "--output", str(chart)]) == 2
     assert "absent.csv: file not found" in capsys.readouterr().err
