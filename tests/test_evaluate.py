@@ -7,8 +7,15 @@ import pandas as pd
 import pytest
 
 from boneage.cli import main
-from boneage.data import DataValidationError
-from boneage.evaluate import evaluate, headline, regression_metrics, stage_metrics
+from boneage.data import DataValidationError, stage_of
+from boneage.evaluate import (
+    bootstrap_intervals,
+    evaluate,
+    headline,
+    quadratic_weighted_kappa,
+    regression_metrics,
+    stage_metrics,
+)
 
 
 def test_regression_metrics_by_hand():
@@ -75,10 +82,55 @@ def test_evaluate_per_sex_and_failed_rows(files, tmp_path):
     assert metrics["by_stage"]["Adolescent"] == {"n": 1, "mae_months": 10.0, "mean_signed_error_months": -10.0}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_scored"] == 4
     assert "MAE 5.50" in (tmp_path / "out" / "report.txt").read_text()
+    assert "confidence_intervals" not in metrics  # 4 images: no useful interval
     row = headline(metrics, digits=1)  # the flat summary the shipping and comparison tools record
     assert row["n"] == 4 and row["mae_months"] == 5.5 and row["mean_signed_error_months"] == -2.5
     assert (row["bias_male_months"], row["bias_female_months"], row["mae_female_months"]) == (0.0, -5.0, 5.0)
     assert row["stage_qwk"] == 1.0 and row["stage_accuracy"] == 1.0
+
+
+def test_vectorised_qwk_equals_sklearn_for_one_sample_and_a_batch():
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 4, size=(5, 200))
+    predicted = np.clip(true + rng.integers(-1, 2, size=true.shape), 0, 3)
+    batch = quadratic_weighted_kappa(true, predicted, 4)
+    for k in range(5):
+        expected = cohen_kappa_score(true[k], predicted[k], labels=[0, 1, 2, 3], weights="quadratic")
+        assert batch[k] == pytest.approx(expected, abs=1e-12)
+        assert quadratic_weighted_kappa(true[k], predicted[k], 4) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_images(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        truth = rng.uniform(0, 228, n)
+        male = rng.random(n) < 0.5
+        return truth, truth + rng.normal(0, 10, n) + np.where(male, 0, 3), male  # girls a little worse
+
+    truth, predicted, male = sample(200)
+    ci = bootstrap_intervals(truth, predicted, male)
+    assert ci == bootstrap_intervals(truth, predicted, male)  # seeded: the same numbers every run
+    mae = np.abs(predicted - truth).mean()
+    assert ci["mae_months"][0] < mae < ci["mae_months"][1]
+    assert ci["mean_signed_error_months"][0] < (predicted - truth).mean() < ci["mean_signed_error_months"][1]
+    low, high = ci["quadratic_weighted_kappa"]
+    assert low < stage_metrics(*(stage_of(x) for x in (truth, predicted)))["quadratic_weighted_kappa"] < high
+    big = bootstrap_intervals(*sample(3200))
+    width = lambda c, key: c[key][1] - c[key][0]  # noqa: E731
+    assert width(big, "mae_months") < 0.4 * width(ci, "mae_months")  # 16x the images: about 1/4 the width
+    assert big["mae_female_minus_male_months"][0] > 0  # with enough images the girls' extra error is resolved
+    only_girls = bootstrap_intervals(truth, predicted, np.zeros_like(male))
+    assert "mae_female_minus_male_months" not in only_girls
+    labels, preds = tmp_path / "labels.csv", tmp_path / "preds.csv"  # evaluate reports them
+    ids = [str(i) for i in range(len(truth))]
+    pd.DataFrame({"id": ids, "boneage": truth.clip(0, 240), "male": male}).to_csv(labels, index=False)
+    pd.DataFrame({"id": ids, "bone_age_months": predicted}).to_csv(preds, index=False)
+    metrics = evaluate(preds, labels, tmp_path / "out", figures=False)
+    low, high = metrics["confidence_intervals"]["mae_female_minus_male_months"]
+    assert f"MAE female - male {low:+.2f} to {high:+.2f}" in (tmp_path / "out" / "report.txt").read_text()
 
 
 def test_age_matched_sex_gap_removes_a_difference_in_age_mix(tmp_path):
@@ -99,7 +151,9 @@ def test_age_matched_sex_gap_removes_a_difference_in_age_mix(tmp_path):
     assert matched["n"] == 8
     assert matched["mae_male_months"] == pytest.approx(6.0) and matched["mae_female_months"] == pytest.approx(6.0)
     assert matched["mae_gap_months"] == pytest.approx(0.0)
-    assert "at the same age mix" in (tmp_path / "out" / "report.txt").read_text()
+    report = (tmp_path / "out" / "report.txt").read_text()
+    assert "at the same age mix" in report
+    assert "confidence_intervals" not in metrics and "bootstrap" not in report  # 10 images: too few for intervals
 
 
 def test_evaluate_writes_non_empty_figures_and_html(files, tmp_path):

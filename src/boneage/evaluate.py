@@ -19,6 +19,8 @@ from boneage.data import STAGE_NAMES, DataValidationError, read_labels, stage_of
 PERCENTILES = (25, 50, 75, 90, 95, 99)
 WITHIN_MONTHS = (6, 12, 18)
 AGE_BAND_MONTHS = 24  # width of the reference-age bands that the age-matched per-sex comparison stratifies on
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_MIN_IMAGES = 10  # per sex for the sex difference's interval; twice that for any interval
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
@@ -89,6 +91,75 @@ def age_matched_by_sex(
         "mae_female_months": mae["female"],
         "mae_gap_months": abs(mae["male"] - mae["female"]),
     }
+
+
+def quadratic_weighted_kappa(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Cohen's kappa with quadratic weights over the last axis of integer class arrays (any leading batch axes), so a
+    thousand bootstrap resamples are one call; equal to ``sklearn.metrics.cohen_kappa_score(..., weights="quadratic")``
+    on one sample (tested)."""
+    cells = np.asarray(true) * n_classes + np.asarray(predicted)
+    observed = np.stack([(cells == c).sum(axis=-1) for c in range(n_classes * n_classes)], axis=-1)
+    observed = observed.reshape(*observed.shape[:-1], n_classes, n_classes).astype(float)
+    expected = (
+        observed.sum(axis=-1, keepdims=True)
+        * observed.sum(axis=-2, keepdims=True)
+        / observed.sum(axis=(-2, -1), keepdims=True)
+    )
+    grid = np.arange(n_classes)
+    weights = (grid[:, None] - grid[None, :]) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):  # one class only: kappa is undefined (NaN), as in sklearn
+        return 1.0 - (weights * observed).sum(axis=(-2, -1)) / (weights * expected).sum(axis=(-2, -1))
+
+
+def bootstrap_intervals(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    male: np.ndarray,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap confidence intervals (images resampled with replacement, ``scipy.stats.bootstrap``) for
+    the MAE, the mean signed error, the female-minus-male MAE difference and the stage QWK: how far each figure could
+    move on another sample of the same size, so two models or two sexes are not told apart by noise.
+    """
+    from scipy.stats import bootstrap
+
+    absolute, error = np.abs(predicted - truth), predicted - truth
+    male = np.asarray(male, dtype=bool)
+    true_stage, predicted_stage = stage_of(truth), stage_of(predicted)
+    labels = list(range(len(STAGE_NAMES)))
+
+    def interval(data: tuple[np.ndarray, ...], statistic: Any) -> list[float]:
+        result = bootstrap(
+            data,
+            statistic,
+            n_resamples=n_resamples,
+            paired=True,
+            vectorized=True,
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+        return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+    def sex_difference(values: np.ndarray, is_male: np.ndarray, axis: int = -1) -> np.ndarray:
+        female = np.sum(values * ~is_male, axis=axis) / np.sum(~is_male, axis=axis)
+        return female - np.sum(values * is_male, axis=axis) / np.sum(is_male, axis=axis)
+
+    def qwk(true: np.ndarray, pred: np.ndarray, axis: int = -1) -> np.ndarray:
+        return quadratic_weighted_kappa(true, pred, len(labels))
+
+    out: dict[str, Any] = {
+        "method": f"percentile bootstrap over images, {n_resamples} resamples, seed {seed}",
+        "confidence": confidence,
+        "mae_months": interval((absolute,), lambda a, axis=-1: np.mean(a, axis=axis)),
+        "mean_signed_error_months": interval((error,), lambda e, axis=-1: np.mean(e, axis=axis)),
+        "quadratic_weighted_kappa": interval((true_stage, predicted_stage), qwk),
+    }
+    if min(male.sum(), (~male).sum()) >= BOOTSTRAP_MIN_IMAGES:  # fewer: resamples lacking a sex leave no difference
+        out["mae_female_minus_male_months"] = interval((absolute, male), sex_difference)
+    return out
 
 
 def stage_metrics(true_stage: np.ndarray, predicted_stage: np.ndarray) -> dict[str, Any]:
@@ -174,6 +245,8 @@ def compute_metrics(joined: pd.DataFrame) -> dict[str, Any]:
                 by_sex["age_matched"] = matched
         metrics["by_sex"] = by_sex
         error, male = predicted - truth, joined["male"].to_numpy(dtype=bool)
+        if len(truth) >= 2 * BOOTSTRAP_MIN_IMAGES:  # fewer images give no useful interval
+            metrics["confidence_intervals"] = bootstrap_intervals(truth, predicted, male)
         metrics["by_stage"] = _errors_by_stage(error, true_stage)
         metrics["by_sex_and_stage"] = {
             sex_name: _errors_by_stage(error[male == is_male], true_stage[male == is_male])
@@ -299,9 +372,19 @@ def format_report(metrics: dict[str, Any]) -> str:
             "  |error| percentiles: "
             + "  ".join(f"P{k} {v:.1f}" for k, v in reg["abs_error_percentiles_months"].items()),
             "  within: " + "  ".join(f"+/-{k} m {v:.1%}" for k, v in reg["within_months"].items()),
-            "",
-            "By sex",
         ]
+        ci = metrics.get("confidence_intervals")
+        if ci:
+            shown = [("MAE", "mae_months", ".2f"), ("bias", "mean_signed_error_months", "+.2f")]
+            shown += [("MAE female - male", "mae_female_minus_male_months", "+.2f")]
+            shown += [("stage QWK", "quadratic_weighted_kappa", ".3f")]
+            lines.append(
+                f"  {ci['confidence']:.0%} bootstrap intervals: "
+                + "   ".join(
+                    f"{name} {ci[key][0]:{form}} to {ci[key][1]:{form}}" for name, key, form in shown if key in ci
+                )
+            )
+        lines += ["", "By sex"]
         for sex in ("male", "female"):
             if sex in metrics["by_sex"]:
                 s = metrics["by_sex"][sex]
