@@ -133,6 +133,33 @@ def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_images(tmp_p
     assert f"MAE female - male {low:+.2f} to {high:+.2f}" in (tmp_path / "out" / "report.txt").read_text()
 
 
+def test_compare_scores_two_models_on_the_images_both_predicted(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 400
+    truth = rng.uniform(0, 228, n)
+    better, worse = truth + rng.normal(0, 8, n), truth + rng.normal(0, 12, n)
+    ids = [str(i) for i in range(n)]
+    labels, a, b = tmp_path / "labels.csv", tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame({"id": ids, "boneage": truth, "male": rng.random(n) < 0.5}).to_csv(labels, index=False)
+    pd.DataFrame({"id": ids, "bone_age_months": better}).to_csv(a, index=False)
+    status = ["ok"] * (n - 50) + ["not assessable"] * 50  # the other model refused 50: compared on the rest
+    pd.DataFrame({"id": ids, "bone_age_months": worse, "status": status}).to_csv(b, index=False)
+    metrics = evaluate(a, labels, tmp_path / "out", figures=False, compare=b)
+    versus = metrics["comparison"]
+    assert versus["n"] == n - 50 and metrics["n_scored"] == n
+    kept = slice(0, n - 50)
+    expected = np.abs(better - truth)[kept].mean() - np.abs(worse - truth)[kept].mean()
+    assert versus["mae_difference_months"] == pytest.approx(expected)
+    low, high = versus["mae_difference_interval"]
+    assert low < expected < high < 0  # clearly better, and the interval says so
+    assert "Against" in (tmp_path / "out" / "report.txt").read_text()
+    same = evaluate(a, labels, compare=a)["comparison"]
+    assert same["mae_difference_interval"] == [0.0, 0.0] and same["qwk_difference_interval"] == [0.0, 0.0]
+    pd.DataFrame({"id": ids[:5], "bone_age_months": better[:5]}).to_csv(b, index=False)
+    with pytest.raises(DataValidationError, match="only 5 image"):
+        evaluate(a, labels, compare=b)
+
+
 def test_age_matched_sex_gap_removes_a_difference_in_age_mix(tmp_path):
     # errors depend on age only (2 months under 48, 10 months from 48), never on sex; the boys are mostly the
     # younger, easier ages and the girls mostly the older ones, so the plain gap is large and the matched one zero

@@ -220,6 +220,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         history=args.history,
         figures=not args.no_figures,
         stage_predictions=args.stage_predictions,
+        compare=args.compare,
     )
     print(format_report(metrics))
     if args.output:
@@ -533,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--history", help="a run's history.json, for the training-history figure")
     evaluate.add_argument("--no-figures", action="store_true", help="metrics only")
     evaluate.add_argument("--stage-predictions", help="a stage classifier's prediction CSV for the same images")
+    evaluate.add_argument(
+        "--compare",
+        metavar="OTHER_CSV",
+        help="another model's predictions: both scored on the images both predicted, with paired bootstrap "
+        "intervals for the MAE and QWK differences",
+    )
     evaluate.set_defaults(func=_cmd_evaluate)
 
     gradcam = commands.add_parser("gradcam", help="Grad-CAM grid (image, heatmap, overlay) for a few radiographs")

@@ -162,6 +162,56 @@ def bootstrap_intervals(
     return out
 
 
+def paired_comparison(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    other: np.ndarray,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Two sets of predictions for the same images: each MAE and stage QWK, and the differences (this minus other)
+    with paired percentile-bootstrap intervals (the same images resampled for both), which tell a real difference
+    from the noise of one validation set."""
+    from scipy.stats import bootstrap
+
+    true_stage = stage_of(truth)
+    this_stage, other_stage = stage_of(predicted), stage_of(other)
+    n_classes = len(STAGE_NAMES)
+
+    def mae_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+
+    def qwk_difference(true: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return quadratic_weighted_kappa(true, a, n_classes) - quadratic_weighted_kappa(true, b, n_classes)
+
+    def interval(data: tuple[np.ndarray, ...], statistic: Any) -> list[float]:
+        result = bootstrap(
+            data,
+            statistic,
+            n_resamples=n_resamples,
+            paired=True,
+            vectorized=True,
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+        return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+    this_error, other_error = np.abs(predicted - truth), np.abs(other - truth)
+    return {
+        "n": int(len(truth)),
+        "confidence": confidence,
+        "mae_months": float(this_error.mean()),
+        "other_mae_months": float(other_error.mean()),
+        "mae_difference_months": float(this_error.mean() - other_error.mean()),
+        "mae_difference_interval": interval((this_error, other_error), mae_difference),
+        "quadratic_weighted_kappa": float(quadratic_weighted_kappa(true_stage, this_stage, n_classes)),
+        "other_quadratic_weighted_kappa": float(quadratic_weighted_kappa(true_stage, other_stage, n_classes)),
+        "qwk_difference_interval": interval((true_stage, this_stage, other_stage), qwk_difference),
+    }
+
+
 def stage_metrics(true_stage: np.ndarray, predicted_stage: np.ndarray) -> dict[str, Any]:
     """Accuracy, weighted/macro precision/recall/F1, Cohen's and quadratic weighted kappa, confusion matrix."""
     from sklearn.metrics import (
@@ -276,13 +326,16 @@ def evaluate(
     history: str | Path | None = None,
     figures: bool = True,
     stage_predictions: str | Path | None = None,
+    compare: str | Path | None = None,
 ) -> dict[str, Any]:
     """Join predictions to labels by id and score them.
 
     With ``output``: writes ``metrics.json``, ``report.txt``, the figures (predicted vs actual, errors, confusion
     matrix, and training history from a run's ``history.json`` when ``history`` is given) and ``report.html``.
     ``stage_predictions``: a stage classifier's prediction CSV (``id,stage``) for the same images; scored as the
-    classifier and compared with the stage implied by the regression.
+    classifier and compared with the stage implied by the regression. ``compare``: another model's prediction CSV;
+    both are scored on the images both predicted, with paired bootstrap intervals for the differences
+    (:func:`paired_comparison`).
 
     Raises:
         DataValidationError: missing columns, or prediction ids that are not in the labels.
@@ -320,6 +373,18 @@ def evaluate(
         "failed_ids": failed["id"].tolist()[:100],
         **compute_metrics(joined),
     }
+    if compare is not None:
+        other = read_predictions(compare)
+        other = other[other["status"] == "ok"][["id", "bone_age_months"]].rename(columns={"bone_age_months": "other"})
+        both = joined.merge(other, on="id").dropna(subset=["bone_age_months", "other"])
+        if len(both) < 2 * BOOTSTRAP_MIN_IMAGES:
+            raise DataValidationError(
+                str(compare), [f"only {len(both)} image(s) predicted by both; need {2 * BOOTSTRAP_MIN_IMAGES}"]
+            )
+        metrics["comparison"] = {
+            "other": str(compare),
+            **paired_comparison(*(both[k].to_numpy(dtype=float) for k in ("boneage", "bone_age_months", "other"))),
+        }
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
@@ -363,6 +428,19 @@ def format_report(metrics: dict[str, Any]) -> str:
         "",
     ]
     reg = metrics.get("regression")
+    versus = metrics.get("comparison")
+    if versus:
+        (mae_low, mae_high), (qwk_low, qwk_high) = versus["mae_difference_interval"], versus["qwk_difference_interval"]
+        lines += [
+            f"Against {versus['other']} (the {versus['n']} images both predicted; this minus that, "
+            f"{versus['confidence']:.0%} paired bootstrap interval)",
+            f"  MAE {versus['mae_months']:.2f} vs {versus['other_mae_months']:.2f}: "
+            f"{versus['mae_difference_months']:+.2f} ({mae_low:+.2f} to {mae_high:+.2f})",
+            f"  stage QWK {versus['quadratic_weighted_kappa']:.3f} vs {versus['other_quadratic_weighted_kappa']:.3f}: "
+            f"{versus['quadratic_weighted_kappa'] - versus['other_quadratic_weighted_kappa']:+.3f} "
+            f"({qwk_low:+.3f} to {qwk_high:+.3f})",
+            "",
+        ]
     if reg:
         lines += [
             "Regression (months)",
