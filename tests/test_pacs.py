@@ -272,6 +272,32 @@ def test_predict_writes_a_dicom_report_for_dicom_inputs_only(tmp_path):
     assert "interval" not in report.ImageComments  # the tiny model has no calibrated interval: no NaN printed
 
 
+def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, capsys):
+    from PIL import Image
+
+    from boneage.cli import main
+    from boneage.pacs import write_pdf_reports
+
+    model = make_tiny_model(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    _source(tmp_path / "in" / "hand.dcm", PatientSex="F")
+    Image.fromarray(synthetic_radiograph(90)).save(tmp_path / "in" / "plain.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    code = main(
+        ["predict", str(tmp_path / "in"), "--model", str(model), "--sex", "F", "--quiet"]
+        + ["--output", str(tmp_path / "p.csv"), "--pdf-report", str(tmp_path / "pages")]
+    )
+    assert code == 3 and "wrote 2 PDF report(s)" in capsys.readouterr().out  # the broken file has no report
+    pages = sorted((tmp_path / "pages").iterdir())
+    assert [p.name for p in pages] == ["hand_report.pdf", "plain_report.pdf"]
+    assert all(p.read_bytes().startswith(b"%PDF") and p.stat().st_size > 5000 for p in pages)
+    table = pd.read_csv(tmp_path / "p.csv", dtype={"id": str})
+    (tmp_path / "in" / "plain.png").unlink()  # gone before its report: that one is listed, the others written
+    written, problems = write_pdf_reports(table, tmp_path / "again", "m")
+    assert [p.name for p in written] == ["hand_report.pdf"]
+    assert len(problems) == 1 and "plain_report.pdf: not written" in problems[0]
+
+
 def test_an_instance_that_fails_after_it_was_stored_still_gets_a_row(tmp_path, monkeypatch):
     import boneage.pacs
     from boneage.runtime import load_predictor

@@ -123,6 +123,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         written = write_reports(table, args.dicom_report, model_name(args.model or default_model_dir()))
         print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
+    if args.pdf_report:
+        from boneage.pacs import write_pdf_reports
+        from boneage.runtime import default_model_dir, model_name
+
+        pages, problems = write_pdf_reports(table, args.pdf_report, model_name(args.model or default_model_dir()))
+        print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
         for row in table.itertuples():
@@ -475,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the rows a stopped run of this command already wrote to --output and predict only the rest "
         "(error rows are tried again); without it --output is overwritten",
+    )
+    predict.add_argument(
+        "--pdf-report",
+        metavar="DIR",
+        help="for each image read or refused, its report page (radiograph, findings, chart) as DIR/<id>_report.pdf",
     )
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -303,6 +303,34 @@ def write_reports(rows: Any, folder: str | Path, model_name: str) -> list[Path]:
     return written
 
 
+def write_pdf_reports(rows: Any, folder: str | Path, model_name: str) -> tuple[list[Path], list[str]]:
+    """The report's page (:func:`render_report`: the radiograph, the findings and the chart) as a PDF for every input
+    among prediction rows that has a bone age or was refused as not assessable, any image format:
+    ``<folder>/<id>_report.pdf``, for a clinic that prints or files reports without a PACS.
+
+    Returns:
+        (written, problems): the PDFs, and one line per report that could not be made (the batch goes on).
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    written, problems = [], []
+    for record in rows.to_dict("records"):
+        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}  # NaN -> None
+        if row.get("status") not in ("ok", "not assessable"):
+            continue
+        target = folder / f"{row['id']}_report.pdf"
+        try:
+            page = Image.fromarray(render_report(row["path"], row, model_name))
+            folder.mkdir(parents=True, exist_ok=True)
+            page.save(target, "PDF", resolution=100.0, title=f"Bone age report: {row['id']}")
+        except (OSError, ValueError) as err:
+            problems.append(f"{target}: not written ({err})")
+            continue
+        written.append(target)
+    return written, problems
+
+
 def parse_destination(text: str) -> tuple[str, int, str]:
     """``HOST:PORT`` or ``HOST:PORT:AE_TITLE`` -> (host, port, AE title; ``ANY-SCP`` when not given)."""
     parts = text.split(":")
