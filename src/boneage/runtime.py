@@ -56,6 +56,7 @@ PREDICT_BATCH_SIZE = 4
 # what a refused image should be instead: the training radiographs' presentation
 READABLE = "it reads one hand per film, palm down, fingers up, bone bright"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom"}
+READING_HEADERS = ("reader_bone_age_months", *AGE_HEADERS)  # metadata: a labels CSV's bone age is a reader's reading
 PREDICTION_COLUMNS = [
     "id",
     "path",
@@ -211,9 +212,6 @@ def resolve_ages(
             value = parse_chronological_age(dicom_age, f"{path}: DICOM PatientAge") if dicom_age is not None else None
         ages.append(value)
     return ages
-
-
-READING_HEADERS = ("reader_bone_age_months", *AGE_HEADERS)  # a labels CSV's bone age is a reader's reading
 
 
 def resolve_readings(
