@@ -111,6 +111,25 @@ def quadratic_weighted_kappa(true: np.ndarray, predicted: np.ndarray, n_classes:
         return 1.0 - (weights * observed).sum(axis=(-2, -1)) / (weights * expected).sum(axis=(-2, -1))
 
 
+def _percentile_interval(
+    data: tuple[np.ndarray, ...], statistic: Any, n_resamples: int, confidence: float, seed: int
+) -> list[float]:
+    """Paired percentile-bootstrap interval of a vectorised ``statistic(*data, axis=-1)`` (scipy.stats.bootstrap)."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        data,
+        statistic,
+        n_resamples=n_resamples,
+        paired=True,
+        vectorized=True,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def bootstrap_intervals(
     truth: np.ndarray,
     predicted: np.ndarray,
@@ -123,25 +142,13 @@ def bootstrap_intervals(
     the MAE, the mean signed error, the female-minus-male MAE difference and the stage QWK: how far each figure could
     move on another sample of the same size, so two models or two sexes are not told apart by noise.
     """
-    from scipy.stats import bootstrap
-
     absolute, error = np.abs(predicted - truth), predicted - truth
     male = np.asarray(male, dtype=bool)
     true_stage, predicted_stage = stage_of(truth), stage_of(predicted)
     labels = list(range(len(STAGE_NAMES)))
 
     def interval(data: tuple[np.ndarray, ...], statistic: Any) -> list[float]:
-        result = bootstrap(
-            data,
-            statistic,
-            n_resamples=n_resamples,
-            paired=True,
-            vectorized=True,
-            confidence_level=confidence,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-        return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+        return _percentile_interval(data, statistic, n_resamples, confidence, seed)
 
     def sex_difference(values: np.ndarray, is_male: np.ndarray, axis: int = -1) -> np.ndarray:
         female = np.sum(values * ~is_male, axis=axis) / np.sum(~is_male, axis=axis)
@@ -173,8 +180,6 @@ def paired_comparison(
     """Two sets of predictions for the same images: each MAE and stage QWK, and the differences (this minus other)
     with paired percentile-bootstrap intervals (the same images resampled for both), which tell a real difference
     from the noise of one validation set."""
-    from scipy.stats import bootstrap
-
     true_stage = stage_of(truth)
     this_stage, other_stage = stage_of(predicted), stage_of(other)
     n_classes = len(STAGE_NAMES)
@@ -186,17 +191,7 @@ def paired_comparison(
         return quadratic_weighted_kappa(true, a, n_classes) - quadratic_weighted_kappa(true, b, n_classes)
 
     def interval(data: tuple[np.ndarray, ...], statistic: Any) -> list[float]:
-        result = bootstrap(
-            data,
-            statistic,
-            n_resamples=n_resamples,
-            paired=True,
-            vectorized=True,
-            confidence_level=confidence,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-        return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+        return _percentile_interval(data, statistic, n_resamples, confidence, seed)
 
     this_error, other_error = np.abs(predicted - truth), np.abs(other - truth)
     return {
