@@ -46,3 +46,29 @@ def test_fullres_samples_decode_including_palette_files():
         image = read_image(path)
         assert image.ndim == 2 and image.shape[0] > 1000 and image.std() > 0.05
     assert "P" in modes  # the palette-mode files decode like the rest
+
+
+@needs_fullres
+def test_the_rsna_challenge_key_format_scores_the_samples_as_the_plain_labels(tmp_path):
+    """The shipped model on the 35 full-resolution samples, with sex from an RSNA-style `Case ID,Sex` file and
+    scored against an RSNA-style test key: the same rows and MAE as with the plain labels, and the labels given as
+    readings come back beside each bone age."""
+    from boneage.evaluate import evaluate
+    from boneage.runtime import predict_paths
+
+    labels = pd.read_csv(FULLRES / "labels.csv", dtype={"id": str})
+    sex = labels["male"].map({True: "M", False: "F"})
+    key = tmp_path / "key.csv"
+    pd.DataFrame({"Case ID": labels["id"], "Sex": sex, "Ground truth bone age (months)": labels["boneage"]}).to_csv(
+        key, index=False
+    )
+    table = predict_paths([FULLRES / "images"], tmp_path / "p.csv", metadata=key, progress=False)
+    assert (table["status"] == "ok").all() and table["male"].tolist() == labels.set_index("id").loc[
+        table["id"], "male"
+    ].tolist()
+    reading = table.set_index("id")["reader_bone_age_months"]
+    assert (reading == labels.set_index("id").loc[reading.index, "boneage"]).all()
+    plain = evaluate(tmp_path / "p.csv", FULLRES / "labels.csv")
+    rsna = evaluate(tmp_path / "p.csv", key)
+    assert rsna["regression"]["mae_months"] == pytest.approx(plain["regression"]["mae_months"])
+    assert rsna["n_scored"] == 35
