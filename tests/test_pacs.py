@@ -15,6 +15,7 @@ pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
 
 from boneage.pacs import (  # noqa: E402
+    RESULT_COLUMNS,
     SECONDARY_CAPTURE,
     Listener,
     findings,
@@ -311,6 +312,28 @@ def test_an_instance_that_fails_after_it_was_stored_still_gets_a_row(tmp_path, m
     listener.stop()
     row = pd.read_csv(tmp_path / "node" / "results.csv").iloc[0]
     assert row["status"] == "error" and "disk full" in row["message"]
+
+
+def test_a_results_file_with_other_columns_is_kept_apart_not_appended_to(tmp_path, caplog):
+    from boneage.runtime import load_predictor
+
+    predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
+    node = tmp_path / "node"
+    node.mkdir()
+    old = "id,path,male,bone_age_months,status\nh1,x.dcm,False,100.0,ok\n"  # an earlier version's columns
+    (node / "results.csv").write_text(old)
+    with caplog.at_level("WARNING", logger="boneage.pacs"):
+        listener = Listener(predictor, node)
+    kept = sorted(node.glob("results-*.csv"))
+    assert len(kept) == 1 and kept[0].read_text() == old and not (node / "results.csv").exists()
+    assert "has other columns" in caplog.text
+    listener._worker.start()
+    listener._queue.put(_source(tmp_path / "hand.dcm", PatientSex="M"))
+    listener.wait()
+    listener.stop()
+    assert pd.read_csv(node / "results.csv").columns.tolist() == RESULT_COLUMNS  # a new file, the right header
+    Listener(predictor, node)  # its own file is appended to, not moved
+    assert len(list(node.glob("results-*.csv"))) == 1
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):

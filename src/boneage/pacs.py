@@ -386,6 +386,7 @@ class Listener:
         for name in ("received", "reports"):
             (self.output / name).mkdir(parents=True, exist_ok=True)
         self.results = self.output / "results.csv"
+        self._keep_other_results()
         self._queue: queue.Queue[Path | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="boneage-listener", daemon=True)
         self._count = 0
@@ -494,6 +495,18 @@ class Listener:
             f", sent {'no' if row['sent'].startswith('failed') else 'yes'}" if self.destination else "",
         )
         return row
+
+    def _keep_other_results(self) -> None:
+        """A ``results.csv`` with other columns (an earlier version's) is renamed, not appended to: rows under the
+        wrong header would be read as the wrong fields."""
+        if not self.results.is_file():
+            return
+        with self.results.open(newline="") as handle:
+            header = next(csv.reader(handle), None)
+        if header not in (None, RESULT_COLUMNS):
+            kept = self.results.with_name(f"results-{datetime.now():%Y%m%d-%H%M%S}.csv")
+            self.results.rename(kept)
+            logger.warning("%s has other columns (an earlier version's): kept as %s", self.results, kept.name)
 
     def _append(self, row: dict[str, Any]) -> None:
         new = not self.results.is_file()
