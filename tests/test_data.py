@@ -60,6 +60,10 @@ def test_read_labels_takes_the_rsna_challenge_files_as_given(tmp_path):
     )
     table = read_labels(test_key)
     assert table["id"].tolist() == ["4360", "4361"] and table["male"].tolist() == [True, False]
+    semicolons = _write_csv(tmp_path / "semi.csv", "id;boneage;male\n1386;30;F\n1392;162,5;M\n")  # a spreadsheet's
+    with pytest.raises(DataValidationError, match="boneage='162,5' is not a number"):  # decimal commas are named
+        read_labels(semicolons)
+    assert read_labels(_write_csv(tmp_path / "semi2.csv", "id;boneage;male\n1386;30;F\n"))["boneage"].tolist() == [30.0]
     ambiguous = _write_csv(tmp_path / "ambiguous.csv", "Case ID,Sex,Ground truth bone age (months)\n4360,1,168.9\n")
     with pytest.raises(DataValidationError, match=r"Sex='1' is not a known sex \(expected M or F\)"):
         read_labels(ambiguous)  # a 1/0 sex column does not say which is male

@@ -276,6 +276,8 @@ def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, 
     rsna_test.write_text("Case ID,Sex\na,F\nd, U\n")
     assert resolve_sexes([plain, dicom], metadata=rsna_test) == [False, True]
     assert resolve_sexes([dicom.with_name("a.dcm"), tmp_path / "d.png"], metadata=rsna_test) == [False, None]
+    rsna_test.write_text("Case ID;Sex\na;M\n")  # saved by a spreadsheet that separates with semicolons
+    assert resolve_sexes([plain], metadata=rsna_test) == [True]
     assert main(["gradcam", str(plain), "--model", str(model_dir), "--output", str(tmp_path / "g.png")]) == 2
     assert "sex unknown for" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
 

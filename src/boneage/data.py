@@ -33,6 +33,7 @@ from boneage.imageio import (  # noqa: F401 - re-exported: data is where readers
     parse_sex,
     parse_sex_letter,
     pick_column,
+    read_csv_text,
     read_image,
 )
 
@@ -86,7 +87,7 @@ def read_labels(
     """
     labels_csv = Path(labels_csv)
     try:
-        raw = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        raw = read_csv_text(labels_csv)
     except FileNotFoundError:
         raise DataValidationError(str(labels_csv), ["file not found"]) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

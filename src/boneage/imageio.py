@@ -54,6 +54,17 @@ def parse_sex_letter(value: Any) -> bool | None:
     return {"m": True, "male": True, "f": False, "female": False}.get(text)
 
 
+def read_csv_text(path: str | Path) -> Any:
+    """A CSV as a frame of strings (empty cells ""), comma-separated or, as spreadsheets in many locales save it,
+    semicolon-separated (taken when the header has semicolons and no commas)."""
+    import pandas as pd
+
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        header = handle.readline()
+    separator = ";" if ";" in header and "," not in header else ","
+    return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator)
+
+
 def pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
     """The first of ``columns`` whose name, stripped and lower-cased, is one of ``aliases`` (in their order)."""
     lowered = {str(c).strip().lower(): c for c in columns}

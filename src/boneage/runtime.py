@@ -39,6 +39,7 @@ from boneage.imageio import (
     parse_sex_letter,
     pick_column,
     preprocess_array,
+    read_csv_text,
     stage_index,
 )
 from boneage.presentation import check as check_presentation
@@ -142,7 +143,7 @@ def read_metadata(metadata_csv: str | Path) -> Any:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(metadata_csv, dtype=str, keep_default_na=False)
+        frame = read_csv_text(metadata_csv)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"{metadata_csv}: not a readable CSV ({err})") from None
     id_col = pick_column(frame.columns, ID_HEADERS)
