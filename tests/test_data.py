@@ -64,6 +64,9 @@ def test_read_labels_takes_the_rsna_challenge_files_as_given(tmp_path):
     with pytest.raises(DataValidationError, match="boneage='162,5' is not a number"):  # decimal commas are named
         read_labels(semicolons)
     assert read_labels(_write_csv(tmp_path / "semi2.csv", "id;boneage;male\n1386;30;F\n"))["boneage"].tolist() == [30.0]
+    windows = tmp_path / "windows.csv"  # an older spreadsheet's encoding: a name with an accent in a comment column
+    windows.write_bytes("id,boneage,male,note\n1386,30,F,Müller\n".encode("cp1252"))
+    assert read_labels(windows)["id"].tolist() == ["1386"]
     ambiguous = _write_csv(tmp_path / "ambiguous.csv", "Case ID,Sex,Ground truth bone age (months)\n4360,1,168.9\n")
     with pytest.raises(DataValidationError, match=r"Sex='1' is not a known sex \(expected M or F\)"):
         read_labels(ambiguous)  # a 1/0 sex column does not say which is male

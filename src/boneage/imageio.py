@@ -56,13 +56,17 @@ def parse_sex_letter(value: Any) -> bool | None:
 
 def read_csv_text(path: str | Path) -> Any:
     """A CSV as a frame of strings (empty cells ""), comma-separated or, as spreadsheets in many locales save it,
-    semicolon-separated (taken when the header has semicolons and no commas)."""
+    semicolon-separated (taken when the header has semicolons and no commas); UTF-8 (with or without a byte-order
+    mark) or, failing that, Windows-1252 as older spreadsheets write."""
     import pandas as pd
 
     with open(path, encoding="utf-8-sig", errors="replace") as handle:
         header = handle.readline()
     separator = ";" if ";" in header and "," not in header else ","
-    return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator)
+    except UnicodeDecodeError:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator, encoding="cp1252")
 
 
 def pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
