@@ -10,6 +10,7 @@ from PIL import Image
 
 from boneage.cli import main
 from boneage.followup import follow_up, overall_change
+from boneage.pacs import LIGHT
 from boneage.runtime import PREDICTION_COLUMNS
 
 
@@ -75,7 +76,8 @@ def test_boneage_chart_draws_the_course_and_writes_the_table(tmp_path, capsys):
     assert "v3: age 9y 6m, bone age 150.0 (140-160)" in out and "first to last visit: +18.0 months of age" in out
     assert "left out: v4: no chronological age" in err
     image = np.asarray(Image.open(chart))
-    assert image.shape == (400, 400, 3) and (image == (200, 200, 200)).all(axis=-1).sum() > 20  # the joining line
+    course_colour = (image == LIGHT["course"]).all(axis=-1).sum()  # the line joining the visits, on a light chart
+    assert image.shape == (400, 400, 3) and course_colour > 20 and (image[0, 0] == LIGHT["background"]).all()
     written = pd.read_csv(table, dtype={"id": str})
     assert written["id"].tolist() == ["v1", "v2", "v3"] and written["change_call"].tolist()[1:] == [
         "not distinguishable from age",

@@ -15,6 +15,7 @@ pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
 
 from boneage.pacs import (  # noqa: E402
+    LIGHT,
     RESULT_COLUMNS,
     SECONDARY_CAPTURE,
     Listener,
@@ -92,6 +93,8 @@ def test_report_shows_the_chart_only_with_an_age(tmp_path):
     without_age = {**OK_ROW, "chronological_age_months": None, "ba_minus_ca_months": None, "sds": None, "call": None}
     assert render_age_chart(without_age) is None and render_age_chart({"status": "not assessable"}) is None
     assert render_report(source, OK_ROW, "m").shape[1] > render_report(source, without_age, "m").shape[1]
+    paper = render_report(source, OK_ROW, "m", palette=LIGHT)  # the PDF's colours: white page, dark findings
+    assert (paper[5, -5] == 255).all() and (render_report(source, OK_ROW, "m")[5, -5] == 0).all()
 
 
 @pytest.mark.parametrize("words", [20, 400])

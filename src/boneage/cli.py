@@ -178,7 +178,7 @@ def _cmd_chart(args: argparse.Namespace) -> int:
     import csv
 
     from boneage.followup import FOLLOW_UP_COLUMNS, follow_up, overall_change, read_predictions
-    from boneage.pacs import render_age_chart
+    from boneage.pacs import LIGHT, render_age_chart
     from boneage.runtime import format_age
 
     course, skipped = follow_up(read_predictions(args.predictions))
@@ -205,7 +205,7 @@ def _cmd_chart(args: argparse.Namespace) -> int:
         print(f"first to last visit: {change(overall)}")
     for reason in skipped:
         print(f"  left out: {reason}", file=sys.stderr)
-    chart = render_age_chart(course, size=args.size)
+    chart = render_age_chart(course, size=args.size, palette=LIGHT)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     chart.save(args.output)
     print(f"wrote {args.output}: {len(course)} visit(s)")

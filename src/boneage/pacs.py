@@ -101,20 +101,40 @@ def findings(row: dict[str, Any]) -> list[str]:
 
 
 CHART_MAX_MONTHS = 240.0  # both axes of the chart run from birth to 20 years
+# the report's colours: dark for PACS viewers (the DICOM report), light for paper and screens (PDF, boneage chart)
+DARK = {
+    "background": (0, 0, 0),
+    "text": (255, 255, 255),
+    "heading": (255, 230, 120),
+    "muted": (170, 170, 170),
+    "band": (62, 66, 74),
+    "diagonal": (140, 140, 140),
+    "course": (200, 200, 200),
+}
+LIGHT = {
+    "background": (255, 255, 255),
+    "text": (20, 24, 31),
+    "heading": (150, 90, 0),
+    "muted": (90, 98, 110),
+    "band": (223, 230, 239),
+    "diagonal": (138, 148, 163),
+    "course": (70, 100, 150),
+}
 CALL_COLOURS = {
     "normal": (102, 187, 106),
     "delayed": (255, 138, 101),
     "advanced": (255, 138, 101),
-    None: (255, 255, 255),
-}
+}  # no call (an age outside the reference): the palette's text colour
 
 
-def render_age_chart(row: dict[str, Any] | list[dict[str, Any]], size: int = 420) -> Any:
+def render_age_chart(
+    row: dict[str, Any] | list[dict[str, Any]], size: int = 420, palette: dict[str, Any] = DARK
+) -> Any:
     """The chart of bone age against chronological age (a ``size`` x ``size`` PIL image): the normal range (the
     reference age -/+ 2 SD, :func:`boneage.clinical.reference_band`), the line bone age = age, and this child at
     (age, bone age) with the 90% interval as a bar, coloured by the call, and a reader's own bone age, when given, as
-    an open circle. ``row`` may be a list of one child's visits (one sex): they are joined in order of age. None
-    without a bone age and an age."""
+    an open circle. ``row`` may be a list of one child's visits (one sex): they are joined in order of age.
+    ``palette``: :data:`DARK` (PACS viewers) or :data:`LIGHT` (paper). None without a bone age and an age."""
     from PIL import Image, ImageDraw, ImageFont
 
     rows = [row] if isinstance(row, dict) else list(row)
@@ -130,35 +150,35 @@ def render_age_chart(row: dict[str, Any] | list[dict[str, Any]], size: int = 420
         clip = lambda m: min(max(float(m), 0.0), CHART_MAX_MONTHS)  # noqa: E731
         return left + side * clip(age) / CHART_MAX_MONTHS, top + side * (1 - clip(bone_age) / CHART_MAX_MONTHS)
 
-    chart = Image.new("RGB", (size, size), (0, 0, 0))
+    chart = Image.new("RGB", (size, size), palette["background"])
     draw = ImageDraw.Draw(chart)
     band = reference_band(male)
     outline = [xy(a, b) for a, b in zip(band["ages_months"], band["lower_months"])]
     outline += [xy(a, b) for a, b in reversed(list(zip(band["ages_months"], band["upper_months"])))]
-    draw.polygon(outline, fill=(62, 66, 74))
+    draw.polygon(outline, fill=palette["band"])
     for year in range(0, 21, 2):
         x, y = xy(12 * year, 12 * year)
-        draw.line([(x, top + side), (x, top + side + 5)], fill=(170, 170, 170))
-        draw.line([(left - 5, y), (left, y)], fill=(170, 170, 170))
-        draw.text((x, top + side + 8), str(year), fill=(170, 170, 170), font=font, anchor="mt")
-        draw.text((left - 8, y), str(year), fill=(170, 170, 170), font=font, anchor="rm")
-    draw.rectangle([left, top, left + side, top + side], outline=(170, 170, 170))
+        draw.line([(x, top + side), (x, top + side + 5)], fill=palette["muted"])
+        draw.line([(left - 5, y), (left, y)], fill=palette["muted"])
+        draw.text((x, top + side + 8), str(year), fill=palette["muted"], font=font, anchor="mt")
+        draw.text((left - 8, y), str(year), fill=palette["muted"], font=font, anchor="rm")
+    draw.rectangle([left, top, left + side, top + side], outline=palette["muted"])
     for start in range(0, int(CHART_MAX_MONTHS), 8):  # the line bone age = age, dashed
-        draw.line([xy(start, start), xy(start + 4, start + 4)], fill=(140, 140, 140), width=1)
+        draw.line([xy(start, start), xy(start + 4, start + 4)], fill=palette["diagonal"], width=1)
     sex = "boys" if male else "girls"
-    draw.text((left, top - 8), f"bone age (y) against age (y), {sex}", fill=(255, 255, 255), font=font, anchor="lb")
+    draw.text((left, top - 8), f"bone age (y) against age (y), {sex}", fill=palette["text"], font=font, anchor="lb")
     draw.text(
         (left + side, top + side + 10 + font.size),
         f"shaded: +/-{SDS_LIMIT:g} SD (Greulich & Pyle)",
-        fill=(170, 170, 170),
+        fill=palette["muted"],
         font=font,
         anchor="rt",
     )
     if len(visits) > 1:  # one child's course
-        draw.line([xy(r["chronological_age_months"], r["bone_age_months"]) for r in visits], fill=(200, 200, 200))
+        draw.line([xy(r["chronological_age_months"], r["bone_age_months"]) for r in visits], fill=palette["course"])
     radius = max(4, size // 70)
     for visit in visits:
-        colour = CALL_COLOURS.get(visit.get("call"), CALL_COLOURS[None])
+        colour = CALL_COLOURS.get(visit.get("call")) or palette["text"]
         age, bone_age = visit["chronological_age_months"], visit["bone_age_months"]
         if visit.get("lower_months") is not None and visit.get("upper_months") is not None:
             (x, low), (_, high) = xy(age, visit["lower_months"]), xy(age, visit["upper_months"])
@@ -170,13 +190,15 @@ def render_age_chart(row: dict[str, Any] | list[dict[str, Any]], size: int = 420
         if visit.get("reader_bone_age_months") is not None:  # the reader's own bone age: an open circle
             x, y = xy(age, visit["reader_bone_age_months"])
             box = [x - radius - 1, y - radius - 1, x + radius + 1, y + radius + 1]
-            draw.ellipse(box, outline=(255, 255, 255), width=2)
+            draw.ellipse(box, outline=palette["text"], width=2)
             if len(visits) == 1:
-                draw.text((x + radius + 4, y), "reader", fill=(255, 255, 255), font=font, anchor="lm")
+                draw.text((x + radius + 4, y), "reader", fill=palette["text"], font=font, anchor="lm")
     return chart
 
 
-def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, height: int = 512) -> np.ndarray:
+def render_report(
+    image_path: str | Path, row: dict[str, Any], model_name: str, height: int = 512, palette: dict[str, Any] = DARK
+) -> np.ndarray:
     """(H, W, 3) uint8: the radiograph (``height`` px tall) beside a panel with :func:`findings` and, given an age,
     the chart of bone age against age (:func:`render_age_chart`)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -185,16 +207,16 @@ def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, 
     width = max(1, round(gray.shape[1] * height / gray.shape[0]))
     shown = np.asarray(Image.fromarray(gray, mode="F").resize((width, height), Image.BILINEAR)).clip(0, 1)
     panel_width = 420
-    chart = render_age_chart(row, size=min(420, height))
+    chart = render_age_chart(row, size=min(420, height), palette=palette)
     chart_width = chart.width + 16 if chart is not None else 0
-    canvas = Image.new("RGB", (width + panel_width + chart_width, height), (0, 0, 0))
+    canvas = Image.new("RGB", (width + panel_width + chart_width, height), palette["background"])
     canvas.paste(Image.fromarray((shown * 255).round().astype(np.uint8)).convert("RGB"), (0, 0))
     if chart is not None:
         canvas.paste(chart, (width + panel_width, (height - chart.height) // 2))
     draw = ImageDraw.Draw(canvas)
     title, small = ImageFont.load_default(size=22), ImageFont.load_default(size=13)
     x, y = width + 16, 16
-    draw.text((x, y), "Bone age (automated)", fill=(255, 255, 255), font=title)
+    draw.text((x, y), "Bone age (automated)", fill=palette["text"], font=title)
     y += 40
     footer = [
         f"boneage {__version__}, model {model_name}",
@@ -214,10 +236,10 @@ def render_report(image_path: str | Path, row: dict[str, Any], model_name: str, 
     if len(lines) > fits:
         lines = lines[: fits - 1] + [("...", False)]
     for line, heading in lines:
-        draw.text((x, y), line, fill=(255, 230, 120) if heading else (255, 255, 255), font=body)
+        draw.text((x, y), line, fill=palette["heading"] if heading else palette["text"], font=body)
         y += spacing
     for k, line in enumerate(footer):
-        draw.text((x, height - 16 - 18 * (len(footer) - k)), line, fill=(170, 170, 170), font=small)
+        draw.text((x, height - 16 - 18 * (len(footer) - k)), line, fill=palette["muted"], font=small)
     return np.asarray(canvas)
 
 
@@ -321,7 +343,7 @@ def write_pdf_reports(rows: Any, folder: str | Path, model_name: str) -> tuple[l
             continue
         target = folder / f"{row['id']}_report.pdf"
         try:
-            page = Image.fromarray(render_report(row["path"], row, model_name))
+            page = Image.fromarray(render_report(row["path"], row, model_name, palette=LIGHT))
             folder.mkdir(parents=True, exist_ok=True)
             page.save(target, "PDF", resolution=100.0, title=f"Bone age report: {row['id']}")
         except (OSError, ValueError) as err:
