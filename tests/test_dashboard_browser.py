@@ -111,6 +111,13 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
         width = browser.execute_script(f"return document.getElementById('{element_id}').naturalWidth")
         assert width == 96
     assert not browser.find_element(By.ID, "dicom-report").is_displayed()  # a PNG has no study to report into
+    assert browser.find_element(By.ID, "pdf-report").is_displayed()  # but a page to print or file, any format
+    status, kind, head = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/api/v1/report.pdf', {method: 'POST', body: lastForm})"
+        ".then(async r => done([r.status, r.headers.get('content-type'), (await r.text()).slice(0, 5)]));"
+    )
+    assert (status, kind, head) == (200, "application/pdf", "%PDF-")
     # the chart of bone age against age: the child inside the shaded range exactly when the call is normal
     assert browser.find_element(By.ID, "chart").is_displayed()
     call = browser.find_element(By.ID, "call").text

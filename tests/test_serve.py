@@ -128,6 +128,19 @@ def test_dicom_tags_give_sex_and_age(client, tmp_path):
     assert override["sex"] == "M" and override["sex_source"] == "form"
 
 
+def test_a_pdf_report_for_any_upload(client):
+    response = client.post(
+        "/api/v1/report.pdf",
+        files={"file": ("h.png", HAND, "image/png")},
+        data={"sex": "F", "chronological_age_months": "96"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "application/pdf"
+    assert response.content.startswith(b"%PDF-") and len(response.content) > 5000
+    assert "bone-age-report.pdf" in response.headers["content-disposition"]
+    no_sex = client.post("/api/v1/report.pdf", files={"file": ("h.png", HAND, "image/png")})
+    assert no_sex.status_code == 422 and "sex unknown" in no_sex.json()["detail"]
+
+
 def test_dicom_report_files_into_the_upload_study(client, tmp_path):
     import pydicom
     from pydicom.uid import generate_uid

@@ -199,6 +199,24 @@ class BoneAgeService:
         report.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
 
+    def pdf_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
+        """One upload, any format -> its report page (radiograph, findings, chart) as a one-page PDF on paper
+        colours, the page ``boneage predict --pdf-report`` writes."""
+        from PIL import Image
+
+        from boneage.pacs import LIGHT, render_report
+
+        suffix = _suffix_for(data)
+        with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
+            path = Path(folder) / f"upload{suffix}"
+            path.write_bytes(data)
+            with self.lock:
+                row = self._read(path, suffix, sex, age, reading)
+            page = Image.fromarray(render_report(path, row, model_name(self.predictor.model_dir), palette=LIGHT))
+        buffer = io.BytesIO()
+        page.save(buffer, "PDF", resolution=100.0, title="Bone age report")
+        return buffer.getvalue()
+
 
 def create_app(
     model_dir: str | Path | None = None, backend: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES
@@ -312,6 +330,20 @@ def create_app(
         content = service.dicom_report(data, sex, chronological_age_months, reader_bone_age_months)
         headers = {"Content-Disposition": 'attachment; filename="bone-age-report.dcm"'}
         return Response(content, media_type="application/dicom", headers=headers)
+
+    @app.post("/api/v1/report.pdf", response_class=Response)
+    def pdf_report(
+        file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
+        sex: SexForm = None,
+        chronological_age_months: AgeForm = None,
+        reader_bone_age_months: ReadingForm = None,
+    ) -> Response:
+        """The report page (radiograph, findings and, with an age, the chart) as a one-page PDF (application/pdf),
+        to print or file; an image that is not assessable gets a page saying so."""
+        data = read_upload(file)
+        content = service.pdf_report(data, sex, chronological_age_months, reader_bone_age_months)
+        headers = {"Content-Disposition": 'attachment; filename="bone-age-report.pdf"'}
+        return Response(content, media_type="application/pdf", headers=headers)
 
     return app
 
