@@ -1,11 +1,12 @@
 """Web dashboard and JSON API: ``boneage serve``.
 
 ``GET /`` is a single page where a clinician uploads a radiograph (PNG, JPEG, TIFF or DICOM), enters or confirms sex
-and chronological age, and sees the radiograph beside its Grad-CAM overlay with the bone age, its interval, BA - CA, the
-SDS and the call, and the child on a chart of bone age against age with the normal range (age -/+ 2 SD) shaded.
-``POST /api/v1/predict`` does the same for other systems; ``POST /api/v1/report.dcm`` returns the report of a DICOM
-upload as a DICOM Secondary Capture in its study (:mod:`boneage.pacs`); ``GET /api/v1/health`` says whether the model is
-loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
+and chronological age (and, optionally, their own reading), and sees the radiograph beside its Grad-CAM overlay with
+the bone age, its interval, BA - CA, the SDS and the call, and the child on a chart of bone age against age with the
+normal range (age -/+ 2 SD) shaded. ``POST /api/v1/predict`` does the same for other systems; ``POST
+/api/v1/report.dcm`` returns the report of a DICOM upload as a DICOM Secondary Capture in its study
+(:mod:`boneage.pacs`) and ``POST /api/v1/report.pdf`` any upload's report page as a PDF; ``GET /api/v1/health`` says
+whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
 
 Every prediction goes through :meth:`boneage.predict.Predictor.predict_files`, the code path of ``boneage predict``.
 Bad input gets a 4xx JSON ``{"detail": ...}``; an unexpected failure a 500 without a stack trace. The log holds a
