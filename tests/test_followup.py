@@ -62,6 +62,8 @@ def test_rows_without_an_age_or_a_bone_age_are_left_out_and_mixed_sexes_refused(
     assert skipped == ["b: no chronological age", "c: no bone age (not assessable)"]
     with pytest.raises(ValueError, match=r"not one child's: they have both sexes \(a \(F\), e \(M\)\)"):
         follow_up([visit("a", 96, 100), visit("e", 108, 112, male=True)])
+    edited = follow_up([visit("a", 96, 100, male="F"), visit("b", 108, 112, male="False")])[0]  # M/F by hand
+    assert [v["male"] for v in edited] == [False, False]
     with pytest.raises(ValueError, match="no row has both a bone age and a chronological age"):
         follow_up([visit("b", None, 110)])
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from boneage.imageio import parse_sex
+
 FOLLOW_UP_COLUMNS = [
     "id",
     "chronological_age_months",
@@ -51,10 +53,13 @@ def follow_up(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     visits, skipped = [], []
     for row in rows:
         row = {key: _value(row, key) for key in row}
+        row["male"] = parse_sex(row.get("male"))  # True/False, or M/F in a file edited by hand
         if row.get("status") != "ok" or row.get("bone_age_months") is None:
             skipped.append(f"{row.get('id')}: no bone age ({row.get('status')})")
         elif row.get("chronological_age_months") is None:
             skipped.append(f"{row.get('id')}: no chronological age")
+        elif row["male"] is None:
+            skipped.append(f"{row.get('id')}: no sex")
         else:
             visits.append(row)
     if not visits:
