@@ -219,6 +219,14 @@ class BoneAgeService:
         return buffer.getvalue()
 
 
+def _attachment(content: bytes, media_type: str, filename: str) -> Any:
+    """A file download response."""
+    from fastapi import Response
+
+    disposition = f'attachment; filename="{filename}"'
+    return Response(content, media_type=media_type, headers={"Content-Disposition": disposition})
+
+
 def create_app(
     model_dir: str | Path | None = None, backend: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES
 ) -> Any:
@@ -327,10 +335,8 @@ def create_app(
     ) -> Response:
         """The report as a DICOM Secondary Capture (application/dicom) in the upload's patient and study, a new
         series, to import into the PACS; an image that is not assessable gets a report saying so."""
-        data = read_upload(file)
-        content = service.dicom_report(data, sex, chronological_age_months, reader_bone_age_months)
-        headers = {"Content-Disposition": 'attachment; filename="bone-age-report.dcm"'}
-        return Response(content, media_type="application/dicom", headers=headers)
+        content = service.dicom_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
+        return _attachment(content, "application/dicom", "bone-age-report.dcm")
 
     @app.post("/api/v1/report.pdf", response_class=Response)
     def pdf_report(
@@ -341,10 +347,8 @@ def create_app(
     ) -> Response:
         """The report page (radiograph, findings and, with an age, the chart) as a one-page PDF (application/pdf),
         to print or file; an image that is not assessable gets a page saying so."""
-        data = read_upload(file)
-        content = service.pdf_report(data, sex, chronological_age_months, reader_bone_age_months)
-        headers = {"Content-Disposition": 'attachment; filename="bone-age-report.pdf"'}
-        return Response(content, media_type="application/pdf", headers=headers)
+        content = service.pdf_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
+        return _attachment(content, "application/pdf", "bone-age-report.pdf")
 
     return app
 
