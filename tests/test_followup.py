@@ -91,3 +91,25 @@ def test_boneage_chart_draws_the_course_and_writes_the_table(tmp_path, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(table, dtype={"id": str}), written, check_dtype=False)
     assert main(["chart", str(tmp_path / "absent.csv"), "--output", str(chart)]) == 2
     assert "absent.csv: file not found" in capsys.readouterr().err
+
+
+def test_boneage_chart_reads_a_childs_studies_straight_from_dicom(tmp_path, capsys):
+    from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+
+    export = tmp_path / "cd"  # one child's studies at 6, 7 and 8 years, ages from the birth and study dates
+    export.mkdir()
+    for k, (age, study) in enumerate(((72, "20160301"), (96, "20180301"), (84, "20170301"))):
+        pixels = synthetic_radiograph(age, seed=k).astype("uint16") * 16
+        write_dicom(export / f"IM{k:06d}", pixels, PatientSex="M", PatientBirthDate="20100301", StudyDate=study)
+    rows, chart = tmp_path / "rows.csv", tmp_path / "course.png"
+    model = make_tiny_model(tmp_path / "model")
+    args = ["chart", str(export), "--model", str(model), "--predictions-out", str(rows), "--output", str(chart)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {rows}: 3 of 3 predicted" in out and "wrote" in out and chart.is_file()
+    ages = [line.split(": age ")[1].split(",")[0] for line in out.splitlines() if ": age " in line]
+    assert ages == ["6y 0m", "7y 0m", "8y 0m"]  # in order of age, not of file name
+    assert main(["chart", str(rows), "--output", str(chart)]) == 0  # the rows it wrote chart the same
+    assert [line for line in capsys.readouterr().out.splitlines() if ": age " in line] == [
+        line for line in out.splitlines() if ": age " in line
+    ]

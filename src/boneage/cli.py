@@ -177,11 +177,22 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 def _cmd_chart(args: argparse.Namespace) -> int:
     import csv
 
-    from boneage.followup import FOLLOW_UP_COLUMNS, follow_up, overall_change, read_predictions
+    from boneage.followup import FOLLOW_UP_COLUMNS, follow_up, is_prediction_file, overall_change, read_predictions
     from boneage.pacs import LIGHT, render_age_chart
-    from boneage.runtime import format_age
+    from boneage.runtime import format_age, predict_paths
 
-    course, skipped = follow_up(read_predictions(args.predictions))
+    missing = [path for path in args.paths if not Path(path).exists()]
+    if missing:  # one child's few files: a wrong name is a typo to fix, not a row to skip
+        raise FileNotFoundError(f"{', '.join(missing)}: file not found")
+    if len(args.paths) == 1 and is_prediction_file(args.paths[0]):
+        rows = read_predictions(args.paths[0])
+    else:  # the child's radiographs: read them first (sex and ages from the headers, --sex, --metadata)
+        table = predict_paths(
+            args.paths, args.predictions_out, model_dir=args.model, metadata=args.metadata, sex=args.sex
+        )
+        print(f"wrote {args.predictions_out}: {int((table['status'] == 'ok').sum())} of {len(table)} predicted")
+        rows = table.to_dict("records")
+    course, skipped = follow_up(rows)
 
     def change(c: dict[str, typing.Any]) -> str:
         ratio = f", ratio {c['change_ratio']:.2f}" if c["change_ratio"] is not None else ""
@@ -529,12 +540,27 @@ def build_parser() -> argparse.ArgumentParser:
     chart = commands.add_parser(
         "chart",
         help="one child's visits on the chart of bone age against age, with the change between visits",
-        description="Read a boneage predict output holding one child's radiographs (with chronological ages, e.g. "
-        "from the DICOM headers) and draw the course on the chart of bone age against age; print each visit's "
+        description="Read one child's radiographs (or a boneage predict output of them), with chronological ages "
+        "from the DICOM headers or --metadata, and draw the course on the chart of bone age against age; print each "
+        "visit's "
         "change in bone age against its change in age, called faster or slower than age only beyond the two "
         "intervals combined.",
     )
-    chart.add_argument("predictions", help="predictions CSV or JSON from boneage predict (one child)")
+    chart.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="one child's radiographs (files or a folder, e.g. a CD export of their studies), or a boneage predict "
+        "output (CSV or JSON) of them",
+    )
+    chart.add_argument("--sex", help="M or F, for radiographs without PatientSex or metadata")
+    chart.add_argument("--metadata", help="CSV with id,male,chronological_age_months per image (as for predict)")
+    chart.add_argument("--model", help="model folder (default: the shipped model)")
+    chart.add_argument(
+        "--predictions-out",
+        default="course_predictions.csv",
+        help="where the radiographs' rows go when PATH is images (default: course_predictions.csv)",
+    )
     chart.add_argument("--output", default="course.png", help="chart PNG (default: course.png)")
     chart.add_argument("--table", help="also write the visits and changes as CSV")
     chart.add_argument("--size", type=int, default=600, help="chart side in pixels (default: 600)")

@@ -118,6 +118,18 @@ def _change(previous: dict[str, Any], visit: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def is_prediction_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``boneage predict`` output (a CSV with a ``bone_age_months`` column, or its JSON) rather
+    than images or a CSV listing images."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in (".csv", ".json"):
+        return False
+    if path.suffix.lower() == ".json":
+        return True
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        return "bone_age_months" in handle.readline().split(",")
+
+
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a ``boneage predict`` CSV or JSON output."""
     import json
