@@ -118,6 +118,9 @@ def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_images(tmp_p
     assert ci["mean_signed_error_months"][0] < (predicted - truth).mean() < ci["mean_signed_error_months"][1]
     low, high = ci["quadratic_weighted_kappa"]
     assert low < stage_metrics(*(stage_of(x) for x in (truth, predicted)))["quadratic_weighted_kappa"] < high
+    for name, mask in (("male", male), ("female", ~male)):  # each sex's bias holds its own estimate
+        low, high = ci[f"mean_signed_error_{name}_months"]
+        assert low < (predicted - truth)[mask].mean() < high
     big = bootstrap_intervals(*sample(3200))
     width = lambda c, key: c[key][1] - c[key][0]  # noqa: E731
     assert width(big, "mae_months") < 0.4 * width(ci, "mae_months")  # 16x the images: about 1/4 the width

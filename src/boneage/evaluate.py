@@ -139,8 +139,9 @@ def bootstrap_intervals(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Percentile bootstrap confidence intervals (images resampled with replacement, ``scipy.stats.bootstrap``) for
-    the MAE, the mean signed error, the female-minus-male MAE difference and the stage QWK: how far each figure could
-    move on another sample of the same size, so two models or two sexes are not told apart by noise.
+    the MAE, the mean signed error overall and per sex, the female-minus-male MAE difference and the stage QWK: how
+    far each figure could move on another sample of the same size, so two models or two sexes are not told apart by
+    noise.
     """
     absolute, error = np.abs(predicted - truth), predicted - truth
     male = np.asarray(male, dtype=bool)
@@ -166,6 +167,8 @@ def bootstrap_intervals(
     }
     if min(male.sum(), (~male).sum()) >= BOOTSTRAP_MIN_IMAGES:  # fewer: resamples lacking a sex leave no difference
         out["mae_female_minus_male_months"] = interval((absolute, male), sex_difference)
+        for name, mask in (("male", male), ("female", ~male)):  # each sex's bias, its images resampled
+            out[f"mean_signed_error_{name}_months"] = interval((error[mask],), lambda e, axis=-1: np.mean(e, axis=axis))
     return out
 
 
@@ -449,6 +452,8 @@ def format_report(metrics: dict[str, Any]) -> str:
         ci = metrics.get("confidence_intervals")
         if ci:
             shown = [("MAE", "mae_months", ".2f"), ("bias", "mean_signed_error_months", "+.2f")]
+            shown += [("bias male", "mean_signed_error_male_months", "+.2f")]
+            shown += [("bias female", "mean_signed_error_female_months", "+.2f")]
             shown += [("MAE female - male", "mae_female_minus_male_months", "+.2f")]
             shown += [("stage QWK", "quadratic_weighted_kappa", ".3f")]
             lines.append(
