@@ -148,3 +148,25 @@ def test_cli_fit_checks_names_a_split_too_small(tmp_path, rsna_folder, capsys):
     args = ["--model", str(folder), "--labels", str(labels), "--images", str(images), "--split", str(split)]
     assert main(["fit-checks", *args]) != 0
     assert "fitting the checks needs at least 32 train and 4 val images; found 0 and 48" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_a_crash(tmp_path, monkeypatch):
+    """`boneage predict ... | head -1`: the CSV is written whole; the closed pipe ends the run quietly (exit 1)."""
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import make_tiny_model, synthetic_radiograph
+
+    model = make_tiny_model(tmp_path / "model")
+    for k in range(3):
+        Image.fromarray(synthetic_radiograph(60 + 30 * k, seed=k)).save(tmp_path / f"{k}.png")
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    stdout = os.fdopen(write, "w", buffering=1)  # line-buffered, as a terminal: the first line meets the closed pipe
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = tmp_path / "p.csv"
+    images = [str(tmp_path / f"{k}.png") for k in range(3)]
+    args = ["predict", *images, "--model", str(model), "--sex", "F"]
+    assert main([*args, "--quiet", "--output", str(out)]) == 1
+    assert len(pd.read_csv(out)) == 3  # every row written before the printing failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -677,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader stopped reading (`boneage predict ... | head`); the files are already written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 1
     except (BoneAgeError, ValueError, ImportError, FileNotFoundError, FileExistsError) as err:  # one-line errors
         if args.verbose:
             raise
