@@ -245,7 +245,11 @@ def test_a_readers_bone_age_is_set_beside_the_models(image_folder, model_dir, tm
     model = first.at["a", "bone_age_months"]
     labels = tmp_path / "labels.csv"  # a labels CSV as metadata: its boneage is a reader's reading
     labels.write_text(f"id,boneage,male\na,{model + 3:.2f},F\nc,{model + 40:.2f},M\nbroken,100,F\n")
+    from boneage.runtime import _parse_metadata
+
+    parsed = _parse_metadata.cache_info().misses
     table = predict_paths([image_folder], out, model_dir=model_dir, metadata=labels, progress=False).set_index("id")
+    assert _parse_metadata.cache_info().misses == parsed + 1  # sexes, ages and readings: the file parsed once
     assert table.at["a", "reader_minus_model_months"] == pytest.approx(3.0, abs=0.01)
     assert table.at["a", "message"] == ""  # inside the interval
     assert table.at["c", "message"].startswith(f"the reader's {model + 40:.2f} months is outside the model's 90%")

@@ -118,17 +118,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         resume=args.resume,
         reading=args.reading,
     )
-    if args.dicom_report:
-        from boneage.pacs import write_reports
+    if args.dicom_report or args.pdf_report:
+        from boneage.pacs import write_pdf_reports, write_reports
         from boneage.runtime import default_model_dir, model_name
 
-        written = write_reports(table, args.dicom_report, model_name(args.model or default_model_dir()))
+        name = model_name(args.model or default_model_dir())
+    if args.dicom_report:
+        written = write_reports(table, args.dicom_report, name)
         print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
     if args.pdf_report:
-        from boneage.pacs import write_pdf_reports
-        from boneage.runtime import default_model_dir, model_name
-
-        pages, problems = write_pdf_reports(table, args.pdf_report, model_name(args.model or default_model_dir()))
+        pages, problems = write_pdf_reports(table, args.pdf_report, name)
         print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from boneage.imageio import parse_sex
+from boneage.runtime import plain_row
 
 FOLLOW_UP_COLUMNS = [
     "id",
@@ -33,11 +34,6 @@ FOLLOW_UP_COLUMNS = [
 ]
 
 
-def _value(row: dict[str, Any], key: str) -> Any:
-    value = row.get(key)
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
 def follow_up(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """One child's visits (prediction rows), in order of age, each with the change since the previous visit.
 
@@ -52,7 +48,7 @@ def follow_up(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     """
     visits, skipped = [], []
     for row in rows:
-        row = {key: _value(row, key) for key in row}
+        row = plain_row(row)
         row["male"] = parse_sex(row.get("male"))  # True/False, or M/F in a file edited by hand
         if row.get("status") != "ok" or row.get("bone_age_months") is None:
             skipped.append(f"{row.get('id')}: no bone age ({row.get('status')})")

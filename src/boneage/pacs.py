@@ -30,7 +30,7 @@ import numpy as np
 from boneage import __version__
 from boneage.clinical import SDS_LIMIT, reference_band
 from boneage.imageio import header_patient_info, read_image
-from boneage.runtime import PREDICTION_COLUMNS, READABLE
+from boneage.runtime import PREDICTION_COLUMNS, READABLE, plain_row
 from boneage.runtime import model_name as name_of_model
 
 logger = logging.getLogger("boneage.pacs")
@@ -301,6 +301,11 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     return ds
 
 
+def _reportable(rows: Any) -> Any:
+    """The rows of a ``boneage predict`` frame that get a report: a bone age, or a refusal the report explains."""
+    return (row for row in map(plain_row, rows.to_dict("records")) if row.get("status") in ("ok", "not assessable"))
+
+
 def write_reports(rows: Any, folder: str | Path, model_name: str) -> list[Path]:
     """A report (:func:`report_dataset`) for every DICOM input among prediction rows (a ``boneage predict`` frame)
     that has a bone age or was refused as not assessable: ``<folder>/<source id>_report.dcm``. Other files and rows
@@ -311,10 +316,9 @@ def write_reports(rows: Any, folder: str | Path, model_name: str) -> list[Path]:
 
     folder = Path(folder)
     written = []
-    for record in rows.to_dict("records"):
-        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}  # NaN -> None
+    for row in _reportable(rows):
         path = Path(str(row.get("path", "")))
-        if row.get("status") not in ("ok", "not assessable") or not path.is_file() or not is_dicom(path):
+        if not path.is_file() or not is_dicom(path):
             continue
         source = pydicom.dcmread(path, stop_before_pixels=True)
         report = report_dataset(source, render_report(path, row, model_name), row, model_name)
@@ -337,10 +341,7 @@ def write_pdf_reports(rows: Any, folder: str | Path, model_name: str) -> tuple[l
 
     folder = Path(folder)
     written, problems = [], []
-    for record in rows.to_dict("records"):
-        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}  # NaN -> None
-        if row.get("status") not in ("ok", "not assessable"):
-            continue
+    for row in _reportable(rows):
         target = folder / f"{row['id']}_report.pdf"
         try:
             page = Image.fromarray(render_report(row["path"], row, model_name, palette=LIGHT))

@@ -11,6 +11,7 @@ the previous batch. The PyTorch predictor (:class:`boneage.predict.Predictor`) b
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -134,12 +135,29 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
     return [p for p in found if not (p in seen or seen.add(p))]
 
 
+def plain_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A prediction row as read back from a frame or file, with its NaN (empty) cells as None."""
+    return {key: None if isinstance(value, float) and value != value else value for key, value in record.items()}
+
+
 def read_metadata(metadata_csv: str | Path) -> Any:
     """``id,male`` (and optionally ``chronological_age_months``) per image id (:func:`image_id`), as a frame by id.
 
     The RSNA challenge's files are read as given: ``Image ID``/``Case ID`` for ``id``, and a ``Sex`` (or ``gender``)
-    column of M/F for ``male``.
+    column of M/F for ``male``. Sexes, ages and readings each look ids up here: the file is parsed once per version
+    (its size and modification time) and each caller gets its own copy.
     """
+    path = Path(metadata_csv)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{metadata_csv}: file not found") from None
+    return _parse_metadata(str(metadata_csv), stat.st_mtime_ns, stat.st_size).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_metadata(metadata_csv: str, mtime_ns: int, size: int) -> Any:
+    """:func:`read_metadata`'s parse; ``mtime_ns`` and ``size`` only key the cache, so an edited file is read again."""
     import pandas as pd
 
     try:

@@ -15,11 +15,13 @@ request number, status, size and latency: never a file name, a DICOM tag or any 
 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
 import base64
+import contextlib
 import io
 import logging
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -54,6 +56,15 @@ def _suffix_for(data: bytes) -> str:
     raise InputError(
         415, "unsupported file type: expected a PNG, JPEG, TIFF or DICOM (Part 10, with the DICM preamble)"
     )
+
+
+@contextlib.contextmanager
+def _stored(data: bytes, suffix: str) -> Iterator[Path]:
+    """An upload as a file for the readers, which take paths; removed when the request is done."""
+    with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(data)
+        yield path
 
 
 def _png_base64(rgb: Any) -> str:
@@ -143,9 +154,7 @@ class BoneAgeService:
     ) -> dict[str, Any]:
         """One upload -> the report dict. Raises InputError for anything the client must fix."""
         suffix = _suffix_for(data)
-        with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
-            path = Path(folder) / f"upload{suffix}"
-            path.write_bytes(data)
+        with _stored(data, suffix) as path:
             with self.lock:
                 row = self._read(path, suffix, sex, age, reading)
                 if row["status"] == "not assessable":
@@ -187,9 +196,7 @@ class BoneAgeService:
 
         if _suffix_for(data) != ".dcm":
             raise InputError(415, "a DICOM report needs a DICOM upload (its patient and study to file the report into)")
-        with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
-            path = Path(folder) / "upload.dcm"
-            path.write_bytes(data)
+        with _stored(data, ".dcm") as path:
             with self.lock:
                 row = self._read(path, ".dcm", sex, age, reading)
             name = model_name(self.predictor.model_dir)
@@ -208,9 +215,7 @@ class BoneAgeService:
         from boneage.pacs import LIGHT, render_report
 
         suffix = _suffix_for(data)
-        with tempfile.TemporaryDirectory(prefix="boneage-") as folder:
-            path = Path(folder) / f"upload{suffix}"
-            path.write_bytes(data)
+        with _stored(data, suffix) as path:
             with self.lock:
                 row = self._read(path, suffix, sex, age, reading)
             page = Image.fromarray(render_report(path, row, model_name(self.predictor.model_dir), palette=LIGHT))
