@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
+from common import DATA  # also puts the repository root on the path
 
 
 def val_paths(n: int) -> list[Path]:
@@ -35,7 +34,7 @@ def val_paths(n: int) -> list[Path]:
 
 def child(backend: str, batch_size: int, n: int) -> None:
     """Predict n val images at one batch size; print one JSON line: images/s, peak RSS (MiB), predictions."""
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     files = val_paths(n)
     predictor = load_predictor(None, backend)

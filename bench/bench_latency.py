@@ -21,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
-FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples" / "images"
+from common import DATA, FULLRES  # also puts the repository root on the path
 
 
 def val_paths() -> list[Path]:
@@ -35,7 +33,7 @@ def val_paths() -> list[Path]:
 
 def rss_child(n: int, backend: str) -> None:
     """Predict n files (val repeated) and print the peak RSS in MiB as the last line."""
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     paths = val_paths()
     files = [paths[i % len(paths)] for i in range(n)]
@@ -65,15 +63,15 @@ def main() -> None:
         return
     if not DATA.is_dir():
         raise SystemExit(f"skipped: {DATA} not found")
-    image = sorted(FULLRES.glob("*.png"))[0] if FULLRES.is_dir() else val_paths()[0]
+    image = sorted((FULLRES / "images").glob("*.png"))[0] if (FULLRES / "images").is_dir() else val_paths()[0]
     results: dict[str, object] = {"image": image.name}
 
     import numpy as np
     import torch
 
-    from boneage.data import preprocess
+    from boneage.dataset import preprocess
     from boneage.imageio import preprocess_array
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     for backend in ("onnx", "torch"):  # onnx: the default path (the shipped folder's model.onnx)
         cold = []

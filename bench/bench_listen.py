@@ -16,18 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples"
-sys.path.insert(0, str(ROOT))
-
-from tests.conftest import compress_dicom, synthetic_radiograph, write_dicom  # noqa: E402
+from common import (  # also puts the repository root on the path
+    FULLRES,
+    compress_dicom,
+    synthetic_radiograph,
+    write_dicom,
+)
 
 
 def _make_files(folder: Path, n: int) -> tuple[list[Path], str]:
@@ -67,7 +66,7 @@ def main() -> None:
 
     from boneage.imageio import dicom_patient_info
     from boneage.pacs import Listener
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     with tempfile.TemporaryDirectory(prefix="bench-listen-") as tmp:
         folder = Path(tmp)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from boneage.config import AugmentConfig, DataConfig
-from boneage.data import BoneAgeDataset, augment_batch, build_augment, normalize_batch
+from boneage.dataset import BoneAgeDataset, augment_batch, build_augment, normalize_batch
 
 STRONG = AugmentConfig(rotation_degrees=20.0, zoom=(0.8, 1.2), brightness=(0.7, 1.3), contrast=(0.6, 1.6))
 

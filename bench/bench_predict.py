@@ -24,9 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
+from common import DATA, ROOT  # also puts the repository root on the path
 
 
 def val_images(n: int) -> tuple[list[Path], pd.DataFrame]:
@@ -42,7 +40,7 @@ def seed_pipeline(paths: list[Path]) -> float:
     import timm
 
     from boneage.config import DataConfig
-    from boneage.data import preprocess
+    from boneage.dataset import preprocess
 
     model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=1).eval()
     contract = DataConfig(image_size=384)
@@ -76,7 +74,7 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"skipped: {DATA} not found")
     from boneage.export import export_onnx
-    from boneage.predict import default_model_dir
+    from boneage.model_folder import default_model_dir
 
     paths, truth = val_images(args.n)
     meta = pd.DataFrame({"id": truth["id"], "male": truth["male"]})

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import DATA  # also puts the repository root on the path
 from PIL import Image
 
-from boneage.runtime import OnnxPredictor, default_model_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
+from boneage.backends.onnx import OnnxPredictor
+from boneage.model_folder import default_model_dir
 
 
 def rate(predictor: OnnxPredictor, paths: list[Path], checks: dict | None) -> tuple[float, int]:

@@ -22,8 +22,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples" / "images"
+from common import FULLRES, synthetic_radiograph  # also puts the repository root on the path
 
 
 def _free_port() -> int:
@@ -35,15 +34,12 @@ def _free_port() -> int:
 def _image_bytes(path: str | None) -> tuple[bytes, str]:
     if path:
         return Path(path).read_bytes(), Path(path).name
-    samples = sorted(FULLRES.glob("*.png"))
+    samples = sorted((FULLRES / "images").glob("*.png"))
     if samples:
         return samples[0].read_bytes(), f"{samples[0].name} (full-resolution sample)"
     import io
 
     from PIL import Image
-
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import synthetic_radiograph
 
     buffer = io.BytesIO()
     Image.fromarray(synthetic_radiograph(120, size=512)).save(buffer, format="PNG")

@@ -6,6 +6,7 @@ import json
 import os
 
 import pandas as pd
+import pytest
 
 from boneage.cli import main
 from boneage.model import load_model_folder
@@ -74,7 +75,7 @@ def test_cli_gradcam_shows_the_answer_predict_gives(tmp_path, monkeypatch):
     from PIL import Image
 
     import boneage.explain as explain
-    from tests.conftest import make_tiny_model, synthetic_radiograph
+    from tests.helpers import make_tiny_model, synthetic_radiograph
 
     folder = make_tiny_model(tmp_path / "model")
     image = tmp_path / "hand.png"
@@ -95,15 +96,17 @@ def test_cli_gradcam_shows_the_answer_predict_gives(tmp_path, monkeypatch):
     assert seen["answers"] == [f"bone age {months:.1f} months"]
 
 
+@pytest.mark.slow  # fits every refusal check and exports ONNX again (minutes on 2 cores)
 def test_cli_fit_checks_gives_a_trained_folder_the_refusals(tmp_path, capsys):
     import numpy as np
     import pytest
 
     pytest.importorskip("onnxruntime")
     pytest.importorskip("sklearn")
+    from boneage.backends.onnx import OnnxPredictor
     from boneage.export import attach_onnx
-    from boneage.runtime import OnnxPredictor, predict_paths
-    from tests.conftest import make_tiny_model, write_rsna_folder
+    from boneage.predict import predict_paths
+    from tests.helpers import make_tiny_model, write_rsna_folder
 
     labels, images = write_rsna_folder(tmp_path / "data", n=48, size=64)
     ids = pd.read_csv(labels, dtype={"id": str})["id"]
@@ -142,7 +145,7 @@ def test_cli_fit_checks_names_a_split_too_small(tmp_path, rsna_folder, capsys):
     split = tmp_path / "split.csv"
     ids = pd.read_csv(labels, dtype={"id": str})["id"]
     pd.DataFrame({"id": ids, "split": ["val"] * len(ids)}).to_csv(split, index=False)
-    from tests.conftest import make_tiny_model
+    from tests.helpers import make_tiny_model
 
     folder = make_tiny_model(tmp_path / "model")
     args = ["--model", str(folder), "--labels", str(labels), "--images", str(images), "--split", str(split)]
@@ -156,7 +159,7 @@ def test_output_piped_into_a_reader_that_stops_is_not_a_crash(tmp_path, monkeypa
 
     from PIL import Image
 
-    from tests.conftest import make_tiny_model, synthetic_radiograph
+    from tests.helpers import make_tiny_model, synthetic_radiograph
 
     model = make_tiny_model(tmp_path / "model")
     for k in range(3):

@@ -11,8 +11,9 @@ from boneage.clinical import (
     reference_band,
     reference_sd,
 )
-from boneage.predict import predict_paths, resolve_ages
-from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+from boneage.inputs import resolve_ages
+from boneage.predict import predict_paths
+from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
 
 
 @pytest.mark.parametrize(
@@ -128,8 +129,8 @@ def test_predict_rows_carry_sds_and_call(tmp_path):
 def test_monochrome1_dicom_gives_the_same_age_as_its_inverted_png(tmp_path):
     import torch
 
-    from boneage.data import preprocess
-    from boneage.predict import Predictor
+    from boneage.backends.torch import TorchPredictor
+    from boneage.dataset import preprocess
 
     gray = synthetic_radiograph(120, size=96)
     gray[0, 0], gray[0, 1] = 0, 255  # full range, so DICOM min-max scaling equals PNG's /255
@@ -137,7 +138,7 @@ def test_monochrome1_dicom_gives_the_same_age_as_its_inverted_png(tmp_path):
     Image.fromarray(gray).save(png)
     Image.fromarray(255 - gray).save(negative)
     dicom = write_dicom(tmp_path / "hand.dcm", (255 - gray.astype("uint16")) * 16, photometric="MONOCHROME1")
-    predictor = Predictor.load()  # the shipped, trained model: an untrained one barely reacts to inversion
+    predictor = TorchPredictor.load()  # the shipped, trained model: an untrained one barely reacts to inversion
     images = torch.stack([preprocess(path, predictor.contract) for path in (png, dicom, negative)])
     months, _ = predictor.predict_tensor(images, torch.zeros(3, dtype=torch.long))
     assert abs(float(months[0] - months[1])) <= 0.5

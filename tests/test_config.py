@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from boneage.cli import build_config, build_parser
-from boneage.config import Config, ConfigError
+from boneage.config import Config
+from boneage.errors import ConfigError
 
 
 def test_defaults_are_the_seeds_recipe():

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
 
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")

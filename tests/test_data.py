@@ -10,23 +10,20 @@ import torch
 from PIL import Image
 
 from boneage.config import AugmentConfig, DataConfig
-from boneage.data import (
+from boneage.dataset import (
     BoneAgeDataset,
-    DataValidationError,
-    ImageReadError,
     augment_batch,
     build_augment,
-    make_split,
     normalize,
     normalize_batch,
     preprocess,
-    read_image,
-    read_labels,
-    read_split,
     resize,
-    stage_of,
+    stage_tensor,
 )
-from tests.conftest import compress_dicom, synthetic_radiograph, write_dicom
+from boneage.errors import DataValidationError, ImageReadError
+from boneage.imageio import read_image
+from boneage.labels import make_split, read_labels, read_split, stage_of
+from tests.helpers import compress_dicom, synthetic_radiograph, write_dicom
 
 # ------------------------------------------------------------------------------------------- labels validation
 
@@ -129,7 +126,7 @@ def test_drop_invalid_keeps_valid_rows_and_lists_dropped(tmp_path, caplog):
 )
 def test_stage_bins_at_edges(age, stage):
     assert stage_of(age) == stage
-    assert int(stage_of(torch.tensor([float(age)]))[0]) == stage
+    assert int(stage_tensor(torch.tensor([float(age)]))[0]) == stage
     assert int(stage_of(np.array([age]))[0]) == stage
 
 
@@ -447,7 +444,7 @@ def test_dataset_samples_and_cache_match(rsna_folder):
     ],
 )
 def test_dicom_patient_info(tmp_path, tags, male, age):
-    from boneage.data import dicom_patient_info
+    from boneage.imageio import dicom_patient_info
 
     path = write_dicom(tmp_path / "x.dcm", np.zeros((8, 8), dtype=np.uint16), **tags)
     info = dicom_patient_info(path)

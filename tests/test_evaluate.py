@@ -7,15 +7,10 @@ import pandas as pd
 import pytest
 
 from boneage.cli import main
-from boneage.data import DataValidationError, stage_of
-from boneage.evaluate import (
-    bootstrap_intervals,
-    evaluate,
-    headline,
-    quadratic_weighted_kappa,
-    regression_metrics,
-    stage_metrics,
-)
+from boneage.errors import DataValidationError
+from boneage.evaluate import evaluate
+from boneage.labels import stage_of
+from boneage.metrics import bootstrap_intervals, headline, quadratic_weighted_kappa, regression_metrics, stage_metrics
 
 
 def test_regression_metrics_by_hand():
@@ -245,7 +240,7 @@ def test_evaluate_rejects_mismatched_ids_and_missing_columns(files, tmp_path):
 
 
 def test_blend_weight_is_fit_by_mae():
-    from boneage.ensemble import fit_blend_weight
+    from boneage.blend import fit_blend_weight
 
     truth = np.array([10.0, 20.0, 30.0])
     assert fit_blend_weight(truth, truth, truth + 50) == 1.0
@@ -254,10 +249,10 @@ def test_blend_weight_is_fit_by_mae():
 
 
 def test_ensemble_protocol_keeps_the_evaluation_half_apart(tmp_path):
+    from boneage.blend import fit_ensemble
     from boneage.config import DataConfig, ModelConfig
-    from boneage.ensemble import fit_ensemble
     from boneage.model import BoneAgeNet, save_model_folder
-    from tests.conftest import write_rsna_folder
+    from tests.helpers import write_rsna_folder
 
     labels, images = write_rsna_folder(tmp_path / "data", n=40, size=64)
     frame = pd.read_csv(labels, dtype=str)
@@ -280,7 +275,7 @@ def test_ensemble_protocol_keeps_the_evaluation_half_apart(tmp_path):
 def test_report_command_gathers_every_figure(tmp_path):
     from boneage.config import DataConfig, ModelConfig
     from boneage.model import BoneAgeNet, save_model_folder
-    from tests.conftest import write_rsna_folder
+    from tests.helpers import write_rsna_folder
 
     labels, images = write_rsna_folder(tmp_path / "data", n=24, size=64)
     torch_model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=110, target_scale=60)).eval()

@@ -7,8 +7,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from boneage.config import DataConfig, ModelConfig
-from boneage.data import BoneAgeDataset, read_labels
+from boneage.dataset import BoneAgeDataset
 from boneage.explain import extract_features, grad_cam, gradcam_grid, overlay, plot_tsne
+from boneage.labels import read_labels
 from boneage.model import BoneAgeNet, load_pretrained
 
 

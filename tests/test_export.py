@@ -7,23 +7,19 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-import torch
 
+from boneage.backends.onnx import OnnxPredictor
 from boneage.cli import main
-from boneage.config import DataConfig, ModelConfig
-from boneage.export import METADATA_KEY, ExportError, OnnxPredictor, export_onnx
-from boneage.model import BoneAgeNet, save_model_folder
+from boneage.errors import ExportError
+from boneage.export import export_onnx
+from boneage.model_folder import METADATA_KEY
 from boneage.predict import predict_paths
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
-    model_dir = save_model_folder(root / "model", model, DataConfig(image_size=64))
-    return model_dir, write_images(root / "images", np.linspace(10, 220, 12))
+def tiny(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    return tiny_model, write_images(tmp_path_factory.mktemp("export") / "images", np.linspace(10, 220, 12))
 
 
 def test_export_roundtrip_parity_and_metadata(tiny, tmp_path):
@@ -36,37 +32,20 @@ def test_export_roundtrip_parity_and_metadata(tiny, tmp_path):
     assert [i.name for i in proto.graph.input] == ["image", "male"]
 
 
-def test_onnx_backend_gives_the_same_csv_as_pytorch(tiny, tmp_path):
-    model_dir, images = tiny
-    export_onnx(tmp_path / "m.onnx", model_dir=model_dir)
+def test_onnx_backend_gives_the_same_csv_as_pytorch(tiny, tiny_onnx_model, tmp_path):
+    model_dir, images = tiny  # the same model as tiny_onnx_model, whose model.onnx is an export_onnx file
     torch_rows = predict_paths([images], tmp_path / "t.csv", model_dir=model_dir, sex="F", progress=False)
-    onnx_rows = predict_paths(
-        [images], tmp_path / "o.csv", model_dir=tmp_path / "m.onnx", sex="F", progress=False, backend="onnx"
-    )
+    exported = tiny_onnx_model / "model.onnx"
+    onnx_rows = predict_paths([images], tmp_path / "o.csv", model_dir=exported, sex="F", progress=False, backend="onnx")
     assert torch_rows["id"].tolist() == onnx_rows["id"].tolist()
     np.testing.assert_allclose(onnx_rows["bone_age_months"], torch_rows["bone_age_months"], atol=0.05)
     assert (onnx_rows["stage"] == torch_rows["stage"]).all()
-    assert (
-        main(
-            [
-                "predict",
-                str(images),
-                "--backend",
-                "onnx",
-                "--model",
-                str(tmp_path / "m.onnx"),
-                "--sex",
-                "M",
-                "--output",
-                str(tmp_path / "cli.csv"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    command = ["predict", str(images), "--backend", "onnx", "--model", str(exported), "--sex", "M"]
+    assert main([*command, "--output", str(tmp_path / "cli.csv"), "--quiet"]) == 0
     assert len(pd.read_csv(tmp_path / "cli.csv")) == 12
 
 
+@pytest.mark.slow  # a second export, quantised and calibrated
 def test_int8_export_needs_calibration_and_stays_close(tiny, tmp_path):
     model_dir, images = tiny
     with pytest.raises(ExportError, match="--calibration"):
@@ -84,7 +63,7 @@ def test_int8_export_needs_calibration_and_stays_close(tiny, tmp_path):
 def test_onnx_file_without_metadata_or_graph_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
-    from boneage.runtime import ModelLoadError
+    from boneage.errors import ModelLoadError
 
     tensor = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])
     output = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1])

@@ -10,8 +10,8 @@ from PIL import Image
 
 from boneage.cli import main
 from boneage.followup import follow_up, overall_change
-from boneage.pacs import LIGHT
-from boneage.runtime import PREDICTION_COLUMNS
+from boneage.render import LIGHT
+from boneage.rows import PREDICTION_COLUMNS
 
 
 def visit(image_id: str, age: float, bone_age: float, half_width: float | None = 10.0, **extra) -> dict:
@@ -94,7 +94,7 @@ def test_boneage_chart_draws_the_course_and_writes_the_table(tmp_path, capsys):
 
 
 def test_boneage_chart_reads_a_childs_studies_straight_from_dicom(tmp_path, capsys):
-    from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+    from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
 
     export = tmp_path / "cd"  # one child's studies at 6, 7 and 8 years, ages from the birth and study dates
     export.mkdir()

@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from boneage.config import DataConfig, ModelConfig
-from boneage.model import (
-    BoneAgeNet,
-    ModelFolderError,
-    PretrainedWeightsError,
-    imagenet_state_dict,
-    load_model_folder,
-    load_pretrained,
-    save_model_folder,
-)
+from boneage.errors import ModelFolderError, PretrainedWeightsError
+from boneage.model import BoneAgeNet, imagenet_state_dict, load_model_folder, load_pretrained, save_model_folder
 
 
 def _inputs(batch: int = 2, size: int = 64, chans: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

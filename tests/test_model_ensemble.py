@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from boneage.backends.torch import TorchPredictor
 from boneage.config import DataConfig, ModelConfig
+from boneage.errors import ModelFolderError
 from boneage.explain import grad_cam
-from boneage.model import (
-    BoneAgeEnsemble,
-    BoneAgeNet,
-    ModelFolderError,
-    combine_model_folders,
-    load_model_folder,
-    save_model_folder,
-)
-from boneage.predict import Predictor, predict_paths
-from tests.conftest import write_images
+from boneage.model import BoneAgeEnsemble, BoneAgeNet, combine_model_folders, load_model_folder, save_model_folder
+from boneage.predict import predict_paths
+from tests.helpers import write_images
 
 CONTRACT = DataConfig(image_size=64)
 
@@ -71,6 +66,7 @@ def test_ensemble_output_is_the_members_mean_and_survives_a_folder_roundtrip(mem
         torch.testing.assert_close(features, singles[0].forward_features(image, male), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # an ONNX export of a three-network folder
 def test_predictor_and_onnx_on_an_ensemble_folder(members, tmp_path):
     pytest.importorskip("onnxruntime")
     from boneage.export import attach_onnx
@@ -90,7 +86,7 @@ def test_predictor_and_onnx_on_an_ensemble_folder(members, tmp_path):
         [images], tmp_path / "o.csv", model_dir=tmp_path / "ens", sex="F", progress=False, backend="onnx", tta=False
     )
     np.testing.assert_allclose(onnx_rows["bone_age_months"], rows["bone_age_months"], atol=0.11)
-    assert isinstance(Predictor.load(tmp_path / "ens").model, BoneAgeEnsemble)
+    assert isinstance(TorchPredictor.load(tmp_path / "ens").model, BoneAgeEnsemble)
 
 
 def test_gradcam_of_an_ensemble_averages_its_members(members):
@@ -144,8 +140,9 @@ def test_members_must_agree_and_a_damaged_ensemble_folder_is_refused(members, tm
 def test_feature_extraction_reads_the_first_member_and_the_ensemble_output(members, rsna_folder):
     from torch.utils.data import DataLoader
 
-    from boneage.data import BoneAgeDataset, read_labels
+    from boneage.dataset import BoneAgeDataset
     from boneage.explain import extract_features
+    from boneage.labels import read_labels
 
     folders, _ = members
     ensemble = BoneAgeEnsemble([load_model_folder(f)[0] for f in folders[:2]]).eval()

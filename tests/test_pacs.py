@@ -9,22 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import compress_dicom, make_tiny_model, synthetic_radiograph, write_dicom
+from tests.helpers import compress_dicom, make_tiny_model, synthetic_radiograph, write_dicom
 
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
 
-from boneage.pacs import (  # noqa: E402
-    LIGHT,
-    RESULT_COLUMNS,
-    SECONDARY_CAPTURE,
-    Listener,
-    findings,
-    parse_destination,
-    render_age_chart,
-    render_report,
-    report_dataset,
-)
+from boneage.pacs import RESULT_COLUMNS, Listener, parse_destination  # noqa: E402
+from boneage.render import LIGHT, findings, render_age_chart, render_report  # noqa: E402
+from boneage.secondary_capture import SECONDARY_CAPTURE, report_dataset  # noqa: E402
 
 OK_ROW = {
     "status": "ok",
@@ -65,7 +57,7 @@ def _marker_centre(chart, colour) -> np.ndarray:
 
 
 def test_age_chart_puts_the_child_at_age_and_bone_age():
-    from boneage.pacs import CALL_COLOURS
+    from boneage.render import CALL_COLOURS
 
     months = OK_ROW["bone_age_months"]
     symmetric = {**OK_ROW, "lower_months": months - 15, "upper_months": months + 15}
@@ -207,7 +199,7 @@ def _send(port: int, *paths: Path) -> list[int]:
 
 
 def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
     girl = _source(tmp_path / "plain.dcm", PatientID="P-2", PatientSex="F", PatientAge="010Y")
@@ -241,7 +233,7 @@ def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
 
 
 def test_a_failed_send_keeps_the_report_and_says_why(tmp_path):
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
     hand = _source(tmp_path / "hand.dcm", PatientSex="M")
@@ -280,7 +272,7 @@ def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, c
     from PIL import Image
 
     from boneage.cli import main
-    from boneage.pacs import write_pdf_reports
+    from boneage.render import write_pdf_reports
 
     model = make_tiny_model(tmp_path / "model")
     (tmp_path / "in").mkdir()
@@ -304,7 +296,7 @@ def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, c
 
 def test_an_instance_that_fails_after_it_was_stored_still_gets_a_row(tmp_path, monkeypatch):
     import boneage.pacs
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
     listener = Listener(predictor, tmp_path / "node")
@@ -318,7 +310,7 @@ def test_an_instance_that_fails_after_it_was_stored_still_gets_a_row(tmp_path, m
 
 
 def test_a_results_file_with_other_columns_is_kept_apart_not_appended_to(tmp_path, caplog):
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
     node = tmp_path / "node"
@@ -340,7 +332,7 @@ def test_a_results_file_with_other_columns_is_kept_apart_not_appended_to(tmp_pat
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):
-    from boneage.runtime import load_predictor
+    from boneage.predict import load_predictor
 
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
     with socket.socket() as taken:

@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from boneage.backends.torch import TorchPredictor
 from boneage.cli import main
-from boneage.predict import PREDICTION_COLUMNS, Predictor, collect_images, format_age, predict_paths
-from boneage.runtime import ModelLoadError
-from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+from boneage.errors import ModelLoadError
+from boneage.inputs import collect_images
+from boneage.predict import predict_paths
+from boneage.rows import PREDICTION_COLUMNS, format_age
+from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
 
 
 @pytest.fixture
@@ -104,10 +107,10 @@ def test_predict_batch_goes_on_past_bad_files(image_folder, model_dir, tmp_path)
 
 
 def test_predictions_match_the_model_and_sex_matters(image_folder, model_dir, tmp_path):
-    predictor = Predictor.load(model_dir)
+    predictor = TorchPredictor.load(model_dir)
     female = predict_paths([image_folder / "a.png"], tmp_path / "f.csv", model_dir=model_dir, sex="F", progress=False)
     male = predict_paths([image_folder / "a.png"], tmp_path / "m.csv", model_dir=model_dir, sex="M", progress=False)
-    from boneage.data import preprocess
+    from boneage.dataset import preprocess
 
     image = preprocess(image_folder / "a.png", predictor.contract)[None]
     expected, _ = predictor.predict_tensor(image, torch.tensor([0]))
@@ -151,9 +154,9 @@ def test_cli_predict_exit_codes(image_folder, model_dir, tmp_path, capsys):
 
 
 def test_tta_averages_the_image_and_its_mirror(image_folder, model_dir, tmp_path):
-    from boneage.data import preprocess
+    from boneage.dataset import preprocess
 
-    predictor = Predictor.load(model_dir)
+    predictor = TorchPredictor.load(model_dir)
     image = preprocess(image_folder / "a.png", predictor.contract)[None]
     male = torch.tensor([1])
     plain, _ = predictor.predict_tensor(image, male)
@@ -178,7 +181,7 @@ def test_a_model_folder_can_ask_for_tta_by_default_and_the_user_can_turn_it_off(
     config = json.loads((model_dir / "config.json").read_text())
     config["output"]["tta_hflip"] = True
     (model_dir / "config.json").write_text(json.dumps(config))
-    assert Predictor.load(model_dir).tta_hflip
+    assert TorchPredictor.load(model_dir).tta_hflip
     assert predict_paths(one, tmp_path / "d.csv", **common)["bone_age_months"][0] == pytest.approx(averaged, abs=1e-3)
     off = predict_paths(one, tmp_path / "off.csv", tta=False, **common)["bone_age_months"][0]
     assert off == pytest.approx(plain, abs=1e-3)
@@ -188,7 +191,7 @@ def test_a_model_folder_can_ask_for_tta_by_default_and_the_user_can_turn_it_off(
     config["output"]["tta_hflip"] = "yes"  # not a boolean: refused, naming the file and the field
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"config.json: output.tta_hflip: expected true or false"):
-        Predictor.load(model_dir)
+        TorchPredictor.load(model_dir)
 
 
 def test_json_output_has_the_same_rows(image_folder, model_dir, tmp_path):
@@ -245,7 +248,7 @@ def test_a_readers_bone_age_is_set_beside_the_models(image_folder, model_dir, tm
     model = first.at["a", "bone_age_months"]
     labels = tmp_path / "labels.csv"  # a labels CSV as metadata: its boneage is a reader's reading
     labels.write_text(f"id,boneage,male\na,{model + 3:.2f},F\nc,{model + 40:.2f},M\nbroken,100,F\n")
-    from boneage.runtime import _parse_metadata
+    from boneage.inputs import _parse_metadata
 
     parsed = _parse_metadata.cache_info().misses
     table = predict_paths([image_folder], out, model_dir=model_dir, metadata=labels, progress=False).set_index("id")
@@ -265,7 +268,7 @@ def test_a_readers_bone_age_is_set_beside_the_models(image_folder, model_dir, tm
 
 
 def test_resolve_sexes_precedence_and_gradcam_refuses_unknown_sex(image_folder, model_dir, tmp_path, capsys):
-    from boneage.predict import resolve_sexes
+    from boneage.inputs import resolve_sexes
 
     dicom = write_dicom(tmp_path / "d.dcm", synthetic_radiograph(90).astype("uint16") * 16, PatientSex="M")
     plain = image_folder / "a.png"

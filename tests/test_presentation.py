@@ -9,20 +9,19 @@ import pytest
 from PIL import Image
 
 from boneage.config import DataConfig
+from boneage.fit_checks import fit_orientation, fit_weights
 from boneage.imageio import preprocess_array
 from boneage.presentation import (
     call_inverted,
     call_rotated,
-    fit_orientation,
-    fit_weights,
     invert_inputs,
     inverted_probability,
     polarity_features,
     rotate_inputs,
     rotation_probabilities,
 )
-from boneage.runtime import finish_row, new_row
-from tests.conftest import FULLRES, synthetic_radiograph
+from boneage.rows import finish_row, new_row
+from tests.helpers import FULLRES, synthetic_radiograph
 
 
 def _inputs(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
@@ -122,21 +121,28 @@ def test_an_inverted_row_is_refused_with_the_reason():
     assert "does not look like the hand radiographs" in row["message"] and "turned back 5.0" in row["message"]
 
 
+@pytest.mark.slow  # fits every refusal check and exports ONNX again (minutes on 2 cores)
 def test_check_is_fit_stored_and_applied_by_both_backends(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from boneage.data import read_labels
     from boneage.export import attach_onnx
+    from boneage.fit_checks import (
+        fit_assessability,
+        fit_presentation,
+        measure,
+        measure_into_folder,
+        write_non_hand_images,
+    )
+    from boneage.labels import read_labels
     from boneage.predict import predict_paths
-    from boneage.presentation import fit_for_model as fit_presentation
-    from boneage.presentation import measure, measure_into_folder
-    from boneage.quality import fit_for_model, write_non_hand_images
-    from tests.conftest import make_tiny_model, write_rsna_folder
+    from tests.helpers import make_tiny_model, write_rsna_folder
 
     labels, images = write_rsna_folder(tmp_path / "data", n=40, size=64)
     table = read_labels(labels, images)
     folder = make_tiny_model(tmp_path / "model", image_size=64, standardize=True)
-    fit_for_model(folder, table[:24], table[24:], write_non_hand_images(tmp_path / "nonhand", size=64), n_components=8)
+    fit_assessability(
+        folder, table[:24], table[24:], write_non_hand_images(tmp_path / "nonhand", size=64), n_components=8
+    )
     checks = fit_presentation(folder, table[:24], table[24:], backend="torch")
     stored = json.loads((folder / "config.json").read_text())
     assert stored["polarity"]["weights"] == checks["polarity"]["weights"] and stored["polarity"]["val"]["n"] == 16
@@ -152,9 +158,9 @@ def test_check_is_fit_stored_and_applied_by_both_backends(tmp_path):
     rows = predict_paths(paths, tmp_path / "t.csv", model_dir=folder, sex="F", progress=False, backend="torch")
     messages = rows["message"].fillna("")
     inverted, turned = messages.str.contains("looks inverted"), messages.str.contains("looks turned 90")
-    from boneage.predict import Predictor
+    from boneage.backends.torch import TorchPredictor
 
-    predictor = Predictor.load(folder)
+    predictor = TorchPredictor.load(folder)
     summary = measure(predictor, table["path"][24:30], [0] * 6, table["boneage"][24:30], stored)
     assert int(inverted[:6].sum()) == summary["polarity"]["as_given_called_inverted"]
     assert int(inverted[6:12].sum()) == summary["polarity"]["negatives_called_inverted"]
@@ -182,7 +188,7 @@ def test_shipped_model_refuses_negative_and_turned_radiographs(tmp_path, backend
         pytest.skip(f"needs the full-resolution samples at {FULLRES}")
     if backend == "torch":
         pytest.importorskip("torch")
-    from boneage.runtime import predict_paths
+    from boneage.predict import predict_paths
 
     labels = pd.read_csv(FULLRES / "labels.csv").head(4)
     paths = [FULLRES / "images" / f"{i}.png" for i in labels["id"]]

@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from boneage.assessability import Assessability
+from boneage.backends.torch import TorchPredictor
 from boneage.config import DataConfig, ModelConfig
-from boneage.data import read_labels
-from boneage.model import BoneAgeNet, ModelFolderError, load_pretrained, save_model_folder
-from boneage.predict import Predictor, predict_paths
-from boneage.quality import ASSESSABILITY_FILE, Assessability, fit_for_model, write_non_hand_images
-from tests.conftest import write_rsna_folder
+from boneage.errors import ModelFolderError
+from boneage.fit_checks import fit_assessability, write_non_hand_images
+from boneage.labels import read_labels
+from boneage.model import BoneAgeNet, load_pretrained, save_model_folder
+from boneage.model_folder import ASSESSABILITY_FILE
+from boneage.predict import predict_paths
+from tests.helpers import write_rsna_folder
 
 
 def test_score_is_about_one_in_distribution_and_large_far_away():
@@ -33,6 +37,7 @@ def test_non_hand_images_are_written():
         assert {"blank_black", "chest_film_0", "photo_china"} <= {p.stem for p in paths}
 
 
+@pytest.mark.slow  # fits every refusal check and exports ONNX again (minutes on 2 cores)
 def test_fit_store_and_refuse_non_hand_images(tmp_path):
     labels, images = write_rsna_folder(tmp_path / "data", n=40, size=64)
     table = read_labels(labels, images)
@@ -41,10 +46,10 @@ def test_fit_store_and_refuse_non_hand_images(tmp_path):
     load_pretrained(model, "auto")
     folder = save_model_folder(tmp_path / "model", model.eval(), DataConfig(image_size=64))
     non_hand = write_non_hand_images(tmp_path / "nonhand", size=96)
-    summary = fit_for_model(folder, table[:24], table[24:], non_hand, n_components=8)
+    summary = fit_assessability(folder, table[:24], table[24:], non_hand, n_components=8)
     assert summary["n_heldout_val"] == 8 and 0 <= summary["acceptance_heldout_val"] <= 1
     assert summary["rejection_non_hand"] >= 0.5  # noise, blanks and photos are far from synthetic hands
-    predictor = Predictor.load(folder)
+    predictor = TorchPredictor.load(folder)
     assert predictor.assessability is not None and predictor.assessability.threshold > 0
     rows = predict_paths(
         [non_hand[0], table["path"][30]], tmp_path / "p.csv", model_dir=folder, sex="F", progress=False
@@ -67,4 +72,4 @@ def test_fit_store_and_refuse_non_hand_images(tmp_path):
 
     (folder / ASSESSABILITY_FILE).write_bytes(b"tampered")
     with pytest.raises(ModelFolderError, match="checksum"):
-        Predictor.load(folder)
+        TorchPredictor.load(folder)

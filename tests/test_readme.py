@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import synthetic_radiograph
+from tests.helpers import synthetic_radiograph
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "../shared/data/rsna-bone-age-fullres-samples/images/1437.png"

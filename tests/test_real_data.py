@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from boneage.data import read_image, read_labels, read_split, stage_of
-from tests.conftest import FULLRES, RSNA_100PX
+from boneage.imageio import read_image
+from boneage.labels import read_labels, read_split, stage_of
+from tests.helpers import FULLRES, RSNA_100PX
 
 pytestmark = pytest.mark.data
 
@@ -54,7 +55,7 @@ def test_the_rsna_challenge_key_format_scores_the_samples_as_the_plain_labels(tm
     scored against an RSNA-style test key: the same rows and MAE as with the plain labels, and the labels given as
     readings come back beside each bone age."""
     from boneage.evaluate import evaluate
-    from boneage.runtime import predict_paths
+    from boneage.predict import predict_paths
 
     labels = pd.read_csv(FULLRES / "labels.csv", dtype={"id": str})
     sex = labels["male"].map({True: "M", False: "F"})

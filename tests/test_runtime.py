@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from boneage.config import DataConfig
-from boneage.data import preprocess
+from boneage.dataset import preprocess
 from boneage.imageio import preprocess_array
-from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
 
 pytest.importorskip("onnxruntime")
 
@@ -33,17 +33,14 @@ def test_numpy_preprocessing_matches_torch(tmp_path, mode):
             assert np.abs(preprocess_array(path, contract) - preprocess(path, contract).numpy()).max() < 1e-4
 
 
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory):
-    from boneage.export import attach_onnx
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("runtime") / "model")
-    attach_onnx(folder)
-    return folder
+@pytest.fixture
+def onnx_model(tiny_onnx_model):
+    return tiny_onnx_model  # shared by the session: tests copy it before changing it
 
 
 def test_auto_backend_takes_model_onnx_and_matches_torch(onnx_model, tmp_path):
-    from boneage.runtime import OnnxPredictor, load_predictor, predict_paths
+    from boneage.backends.onnx import OnnxPredictor
+    from boneage.predict import load_predictor, predict_paths
 
     assert isinstance(load_predictor(onnx_model), OnnxPredictor)
     folder = tmp_path / "images"
@@ -61,7 +58,8 @@ def test_auto_backend_takes_model_onnx_and_matches_torch(onnx_model, tmp_path):
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_rows_do_not_depend_on_the_batch_size(onnx_model, tmp_path, backend):
-    from boneage.runtime import PREDICT_BATCH_SIZE, predict_paths
+    from boneage.backends.base import PREDICT_BATCH_SIZE
+    from boneage.predict import predict_paths
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -80,9 +78,10 @@ def test_rows_do_not_depend_on_the_batch_size(onnx_model, tmp_path, backend):
         assert np.allclose(table["bone_age_months"], tables[0]["bone_age_months"], atol=1e-3, equal_nan=True)
 
 
+@pytest.mark.slow  # its own ONNX export (a minute on 2 cores)
 def test_both_backends_resize_through_the_source_size_and_standardise(tmp_path):
     from boneage.export import attach_onnx
-    from boneage.runtime import predict_paths
+    from boneage.predict import predict_paths
 
     folder = make_tiny_model(tmp_path / "model", source_size=40, standardize=True)
     attach_onnx(folder)
@@ -103,7 +102,8 @@ def test_both_backends_resize_through_the_source_size_and_standardise(tmp_path):
 def test_checksum_of_model_onnx_is_verified(onnx_model, tmp_path):
     import shutil
 
-    from boneage.runtime import ModelLoadError, OnnxPredictor
+    from boneage.backends.onnx import OnnxPredictor
+    from boneage.errors import ModelLoadError
 
     copy = shutil.copytree(onnx_model, tmp_path / "copy")
     with open(copy / "model.onnx", "ab") as handle:
@@ -159,7 +159,7 @@ def test_linear_correction_applies_on_both_backends(onnx_model, tmp_path):
     import json
     import shutil
 
-    from boneage.runtime import predict_paths
+    from boneage.predict import predict_paths
 
     image = tmp_path / "hand.png"
     Image.fromarray(synthetic_radiograph(100)).save(image)
@@ -180,7 +180,7 @@ def test_linear_correction_applies_on_both_backends(onnx_model, tmp_path):
 
 
 def test_model_name_is_the_folder_also_when_running_its_onnx_file(tmp_path):
-    from boneage.runtime import model_name
+    from boneage.model_folder import model_name
 
     folder = tmp_path / "lite0-x"
     folder.mkdir()
@@ -188,3 +188,52 @@ def test_model_name_is_the_folder_also_when_running_its_onnx_file(tmp_path):
     assert model_name(folder) == "lite0-x"
     assert model_name(folder / "model.onnx") == "lite0-x"  # what the onnxruntime predictor holds
     assert model_name(tmp_path / "exported.onnx") == "exported"
+
+
+def test_torch_free_commands_run_with_pytorch_blocked(onnx_model, tmp_path):
+    """``evaluate``, ``split``, ``validate``, ``calibrate`` and ``predict`` (onnx) need no PyTorch: each runs in one
+    process where importing torch, torchvision, timm or lightning raises ImportError."""
+    import shutil
+
+    from tests.helpers import write_rsna_folder
+
+    labels, images = write_rsna_folder(tmp_path / "rsna", n=48, size=64)
+    model = shutil.copytree(onnx_model, tmp_path / "model")
+    preds, split = tmp_path / "preds.csv", tmp_path / "split.csv"
+    commands = [
+        ["validate", "--labels", str(labels), "--images", str(images), "--decode"],
+        ["split", "--labels", str(labels), "--images", str(images), "--output", str(split)],
+        ["predict", str(images), "--metadata", str(labels), "--model", str(model), "--backend", "onnx"]
+        + ["--output", str(preds), "--quiet"],
+        ["evaluate", "--predictions", str(preds), "--labels", str(labels), "--output", str(tmp_path / "eval")],
+        ["calibrate", "--predictions", str(preds), "--labels", str(labels), "--model", str(model)],
+    ]
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc
+        import sys
+
+        class Blocked(importlib.abc.MetaPathFinder):  # as if not installed: every import of them raises ImportError
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "timm", "lightning"):
+                    raise ImportError(f"No module named {{name!r}} (blocked)")
+                return None
+
+        sys.meta_path.insert(0, Blocked())
+        from boneage.cli import main
+        for command in {commands!r}:
+            code = main(command)
+            assert code in (0, 3), (command[0], code)  # 3: some rows not predicted (an untrained model's refusals)
+            print("ran", command[0])
+        assert not any(m.split(".")[0] in ("torch", "timm", "lightning") for m, v in sys.modules.items() if v)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("ran ")] == [
+        f"ran {command[0]}" for command in commands
+    ]
+    assert (tmp_path / "eval" / "metrics.json").is_file() and split.is_file()
+    assert "half_width_months" in json.loads((model / "config.json").read_text())["uncertainty"]

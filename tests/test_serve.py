@@ -9,7 +9,7 @@ from PIL import Image
 
 from boneage.clinical import compare_ages
 from boneage.predict import predict_paths
-from tests.conftest import make_tiny_model, synthetic_radiograph, write_dicom
+from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -24,14 +24,14 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("serve") / "model")
+@pytest.fixture
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def client(model_dir):
-    return TestClient(create_app(model_dir, max_upload_bytes=200_000), raise_server_exceptions=False)
+def client(tiny_model):
+    return TestClient(create_app(tiny_model, max_upload_bytes=200_000), raise_server_exceptions=False)
 
 
 HAND = png_bytes(synthetic_radiograph(100, size=96))
@@ -242,13 +242,8 @@ def test_dashboard_page_and_openapi_schema(client):
     assert "/api/v1/predict" in schema["paths"] and "/api/v1/health" in schema["paths"]
 
 
-def test_onnx_backend_serves_without_gradcam_but_shows_the_radiograph(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from boneage.export import attach_onnx
-
-    folder = make_tiny_model(tmp_path / "model")
-    attach_onnx(folder)
-    client = TestClient(create_app(folder, backend="onnx"), raise_server_exceptions=False)
+def test_onnx_backend_serves_without_gradcam_but_shows_the_radiograph(tiny_onnx_model):
+    client = TestClient(create_app(tiny_onnx_model, backend="onnx"), raise_server_exceptions=False)
     assert client.get("/api/v1/health").json()["model"]["backend"] == "onnx"
     report = client.post(
         "/api/v1/predict", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F", "gradcam": "true"}

@@ -7,10 +7,12 @@ import shutil
 import pytest
 import torch
 
-from boneage.data import normalize, resize
-from boneage.model import BoneAgeEnsemble, ModelFolderError, load_model_folder, sha256_file
-from boneage.predict import DEFAULT_MODEL, Predictor, default_model_dir
-from tests.conftest import synthetic_radiograph
+from boneage.backends.torch import TorchPredictor
+from boneage.dataset import normalize, resize
+from boneage.errors import ModelFolderError
+from boneage.model import BoneAgeEnsemble, load_model_folder
+from boneage.model_folder import DEFAULT_MODEL, default_model_dir, sha256_file
+from tests.helpers import synthetic_radiograph
 
 # Bone age (months) of synthetic_radiograph(120, size=100, seed=0) for a female and a male, recorded when the model
 # was shipped, as the model folder says to predict it: the mean of its three networks' outputs for the image and its
@@ -23,7 +25,7 @@ def test_default_model_loads_offline_with_its_contract(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = default_model_dir()
     assert folder.name == DEFAULT_MODEL
-    predictor = Predictor.load()
+    predictor = TorchPredictor.load()
     description = predictor.description
     assert description["data_contract"]["image_size"] == 256 and description["data_contract"]["resize_mode"] == "squash"
     contract = description["data_contract"]
@@ -38,7 +40,7 @@ def test_default_model_loads_offline_with_its_contract(monkeypatch):
 
 
 def test_default_model_prediction_has_not_drifted():
-    predictor = Predictor.load()
+    predictor = TorchPredictor.load()
     image = torch.from_numpy(synthetic_radiograph(120, size=100, seed=0)).float()[None] / 255  # (1, 100, 100)
     size = predictor.contract.image_size
     batch = normalize(resize(image, size, "squash"), predictor.contract)[None].repeat(2, 1, 1, 1)
@@ -60,12 +62,12 @@ def test_default_model_onnx_matches_the_recording_and_its_checksum():
     pytest.importorskip("onnxruntime")
     import numpy as np
 
-    from boneage.runtime import OnnxPredictor
+    from boneage.backends.onnx import OnnxPredictor
 
     folder = default_model_dir()
-    assert Predictor.load().description["weights_sha256"] == OnnxPredictor(folder).description["weights_sha256"]
+    assert TorchPredictor.load().description["weights_sha256"] == OnnxPredictor(folder).description["weights_sha256"]
     image = torch.from_numpy(synthetic_radiograph(120, size=100, seed=0)).float()[None] / 255
-    contract = Predictor.load().contract
+    contract = TorchPredictor.load().contract
     batch = normalize(resize(image, contract.image_size, "squash"), contract)[None].repeat(2, 1, 1, 1).numpy()
     onnx = OnnxPredictor(folder)
     assert onnx.tta_hflip is True  # the folder's default holds on onnxruntime too

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from boneage.config import Config
-from boneage.data import DataValidationError
+from boneage.errors import DataValidationError
 from boneage.model import BoneAgeNet, load_model_folder
 from boneage.train import AtomicCheckpointIO, run_training, warmup_cosine
 
@@ -41,7 +41,7 @@ def test_warmup_is_linear_then_cosine():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    from tests.conftest import write_rsna_folder
+    from tests.helpers import write_rsna_folder
 
     root = tmp_path_factory.mktemp("train")
     labels, images = write_rsna_folder(root / "data", n=48, size=72)
@@ -141,6 +141,7 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_write_fails(tmp_path, monke
     assert torch.load(target, weights_only=True) == {"epoch": 1}
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_two_cpu_processes(tmp_path, rsna_folder):
     labels, images = rsna_folder
     out = tmp_path / "ddp"

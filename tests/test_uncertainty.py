@@ -9,7 +9,7 @@ from boneage.config import DataConfig, ModelConfig
 from boneage.model import BoneAgeNet, load_model_folder, save_model_folder
 from boneage.predict import predict_paths
 from boneage.uncertainty import calibrate_interval, conformal_half_width, store_interval
-from tests.conftest import write_rsna_folder
+from tests.helpers import write_rsna_folder
 
 
 def test_conformal_half_width_by_hand():

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from ship_model import DATA, FULLRES, predict_fullres, predict_subset  # tools/ is on sys.path when run as a script
+from ship_model import DATA, FULLRES, predict_fullres, predict_subset
 
-from boneage.evaluate import evaluate, headline
+from boneage.evaluate import evaluate
+from boneage.metrics import headline
 
 
 def _model_dir(path: Path) -> Path:

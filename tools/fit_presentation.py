@@ -18,14 +18,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from data_paths import DATA, FULLRES
 
-from boneage.data import read_labels, read_split
-from boneage.presentation import fit_for_model, measure_into_folder
-from boneage.runtime import default_model_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
-FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples"
+from boneage.fit_checks import fit_presentation, measure_into_folder
+from boneage.labels import read_labels, read_split
+from boneage.model_folder import default_model_dir
 
 
 def main() -> None:
@@ -40,7 +37,7 @@ def main() -> None:
     start = time.perf_counter()
     table = read_labels(args.data / "boneage-training-dataset.csv", args.data / "boneage-training-dataset")
     table = table.merge(read_split(args.data / "seed-split.csv", table), on="id")
-    checks = fit_for_model(
+    checks = fit_presentation(
         model_dir, table[table["split"] == "train"], table[table["split"] == "val"], backend=args.backend
     )
     if (args.fullres / "labels.csv").is_file():

@@ -18,17 +18,15 @@ labels. The variants:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+from ship_model import FULLRES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_model import FULLRES  # noqa: E402
-
-from boneage.runtime import default_model_dir, predict_paths  # noqa: E402
+from boneage.model_folder import default_model_dir
+from boneage.predict import predict_paths
 
 
 def padded_square(image: np.ndarray) -> np.ndarray:

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from ship_model import DATA, split_part
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_model import DATA, split_part  # noqa: E402
-
-from boneage.data import make_split, preprocess, stage_of  # noqa: E402
-from boneage.model import BoneAgeEnsemble, contract_from_description, load_model_folder  # noqa: E402
-from boneage.runtime import default_model_dir  # noqa: E402
+from boneage.config import contract_from_description
+from boneage.dataset import preprocess
+from boneage.labels import make_split, stage_of
+from boneage.model import BoneAgeEnsemble, load_model_folder
+from boneage.model_folder import default_model_dir
 
 
 def member_outputs(model_dir: Path, val: pd.DataFrame, batch: int = 32) -> np.ndarray:

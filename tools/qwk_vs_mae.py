@@ -16,8 +16,8 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from boneage.data import read_labels, read_split, stage_of
-from boneage.evaluate import stage_metrics
+from boneage.labels import read_labels, read_split, stage_of
+from boneage.metrics import stage_metrics
 
 
 def _qwk(true_months: np.ndarray, predicted_months: np.ndarray) -> float:

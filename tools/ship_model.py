@@ -28,20 +28,18 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from data_paths import DATA, FULLRES, ROOT
 
-from boneage.data import read_labels, read_split
-from boneage.evaluate import evaluate, headline
-from boneage.model import combine_model_folders, contract_from_description, load_model_folder, save_model_folder
+from boneage.config import contract_from_description
+from boneage.evaluate import evaluate
+from boneage.fit_checks import fit_assessability, fit_presentation, write_non_hand_images
+from boneage.fit_checks import measure_into_folder as measure_presentation
+from boneage.labels import read_labels, read_split
+from boneage.metrics import headline
+from boneage.model import combine_model_folders, load_model_folder, save_model_folder
+from boneage.model_folder import DEFAULT_MODEL
 from boneage.predict import predict_paths
-from boneage.presentation import fit_for_model as fit_presentation
-from boneage.presentation import measure_into_folder as measure_presentation
-from boneage.quality import fit_for_model, write_non_hand_images
-from boneage.runtime import DEFAULT_MODEL
 from boneage.uncertainty import calibrate_interval, store_interval
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rsna-bone-age-100px"
-FULLRES = ROOT.parent / "shared" / "data" / "rsna-bone-age-fullres-samples"
 
 
 def _relative(path: str) -> str:
@@ -100,11 +98,9 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
 
 def _update(folder: Path, section: str, **fields) -> None:
     """Set ``fields`` in one section of a model folder's config.json."""
-    from boneage.model import CONFIG_FILE, read_model_description
+    from boneage.model_folder import update_description
 
-    description = read_model_description(folder)
-    description[section].update(fields)
-    (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
+    update_description(folder, lambda description: description[section].update(fields))
 
 
 def main() -> None:
@@ -189,7 +185,7 @@ def main() -> None:
         # refusal of images unlike the training radiographs: fit on train, threshold on one half of val
         table = read_labels(DATA / "boneage-training-dataset.csv", DATA / "boneage-training-dataset")
         table = table.merge(read_split(DATA / "seed-split.csv", table), on="id")
-        assessability = fit_for_model(
+        assessability = fit_assessability(
             building,
             table[table["split"] == "train"],
             table[table["split"] == "val"],

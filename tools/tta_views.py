@@ -4,7 +4,7 @@
 
 Every image of the seed split's val (and the full-resolution samples) is predicted once per view by the model
 folder's ``model.onnx``; a view is a mirror, a rotation and a zoom about the centre applied to the resized image
-before normalisation, with black outside, as the training augmentation makes them (``boneage.data.augment_batch``).
+before normalisation, with black outside, as the training augmentation makes them (``boneage.dataset.augment_batch``).
 Each named set of views is the mean of its views' outputs, scored with ``boneage.evaluate`` (one markdown row each)
 and on the two halves of val that the shipped interval uses (stratified by stage x sex, seed 0: ``mae_half_a`` the
 calibration half, ``mae_half_b`` the evaluation half), so a set that only
@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from ship_model import DATA, FULLRES, split_part
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_model import DATA, FULLRES, split_part  # noqa: E402
-
-from boneage.data import load_resized, make_split, normalize_batch  # noqa: E402
-from boneage.evaluate import evaluate, headline  # noqa: E402
-from boneage.runtime import OnnxPredictor, default_model_dir  # noqa: E402
+from boneage.backends.onnx import OnnxPredictor
+from boneage.dataset import load_resized, normalize_batch
+from boneage.evaluate import evaluate
+from boneage.labels import make_split
+from boneage.metrics import headline
+from boneage.model_folder import default_model_dir
 
 # (mirror, rotation in degrees, zoom): zoom > 1 enlarges the hand (crops the edges), < 1 shrinks it onto black
 VIEWS = [

@@ -1,4 +1,10 @@
-"""``boneage`` command line: a thin layer over the library functions, with the same parameter names."""
+"""``boneage`` command line: a thin layer over the library functions, with the same parameter names.
+
+Each subcommand is a pair of adjacent functions: ``_add_<command>`` adds its parser (arguments and handler) and
+``_run_<command>`` calls the library with keyword arguments and prints what it returned. Heavy imports (PyTorch,
+pandas, the command's library module) stay inside the handlers, so ``boneage --help`` and the torch-free commands
+start fast and run without PyTorch.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from boneage import __version__
-from boneage.config import BoneAgeError, Config, ConfigError, flat_fields, set_field
+from boneage.config import Config, flat_fields, set_field
+from boneage.errors import BoneAgeError, ConfigError
+
+_Commands = typing.Any  # the subparsers action from ``ArgumentParser.add_subparsers`` (a private argparse type)
+_BACKENDS = ("auto", "torch", "onnx")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is when a line is logged (as :data:`logging.lastResort`), so the
+    one handler :func:`main` installs follows a caller or test that swaps ``sys.stderr`` between calls."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> typing.TextIO:  # type: ignore[override]
+        return sys.stderr
+
+
+# installed on the ``boneage`` logger once, by the first call of main(): later calls only set the level
+_LOG_HANDLER = _StderrHandler()
+_LOG_HANDLER.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared arguments and helpers
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +70,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    """The training config: the ``--config`` file (or the defaults) with every config flag given applied over it.
+
+    Raises:
+        ConfigError: a flag's value does not fit its field, or the result is not a valid config.
+    """
     config = Config.load(args.config) if getattr(args, "config", None) else Config()
     sections = config.sections()
     fields_by_name = flat_fields(config)
@@ -51,200 +87,12 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from boneage.train import run_training
-
-    config = build_config(args)
-    run_dir = run_training(config, resume=args.resume)
-    print(f"run folder: {run_dir}\nmodel folder: {run_dir / 'model'}")
-    return 0
-
-
-def _cmd_split(args: argparse.Namespace) -> int:
-    from boneage.data import make_split, read_labels
-
-    fractions = tuple(float(f) for f in args.fractions.split(","))
-    if len(fractions) != 3:
-        raise ConfigError(f"--fractions: expected three numbers train,val,test, got {args.fractions!r}")
-    labels = read_labels(args.labels, args.images, drop_invalid=args.drop_invalid)
-    split = make_split(labels, fractions=fractions, seed=args.seed)  # type: ignore[arg-type]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    split.to_csv(args.output, index=False)
-    counts = split["split"].value_counts().to_dict()
-    print(f"wrote {args.output}: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("train", "val", "test")))
-    return 0
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from boneage.data import read_image, read_labels
-
-    labels = read_labels(args.labels, args.images)
-    bad = 0
-    if args.decode:
-        from boneage.data import ImageReadError
-
-        for path in labels["path"]:
-            try:
-                read_image(path)
-            except ImageReadError as err:
-                bad += 1
-                print(f"unreadable: {err}", file=sys.stderr)
-    print(
-        f"{args.labels}: {len(labels)} valid rows, {int(labels['male'].sum())} male, "
-        f"ages {labels['boneage'].min():g}-{labels['boneage'].max():g} months"
-        + (f"; {bad} unreadable image(s)" if args.decode else "")
-    )
-    return 1 if bad else 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from boneage.runtime import predict_paths
-
-    table = predict_paths(
-        args.paths,
-        args.output,
-        model_dir=args.model,
-        metadata=args.metadata,
-        sex=args.sex,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        progress=not args.quiet,
-        backend=args.backend,
-        tta=args.tta,
-        chronological_age=args.age,
-        gradcam_dir=args.gradcam,
-        resume=args.resume,
-        reading=args.reading,
-    )
-    if args.dicom_report or args.pdf_report:
-        from boneage.pacs import write_pdf_reports, write_reports
-        from boneage.runtime import default_model_dir, model_name
-
-        name = model_name(args.model or default_model_dir())
-    if args.dicom_report:
-        written = write_reports(table, args.dicom_report, name)
-        print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
-    if args.pdf_report:
-        pages, problems = write_pdf_reports(table, args.pdf_report, name)
-        print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-    failed = table[table["status"] != "ok"]
-    if len(table) <= 20:
-        for row in table.itertuples():
-            if row.status == "ok":
-                sex = "male" if row.male else "female"
-                has_interval = row.upper_months is not None and row.upper_months == row.upper_months  # not NaN
-                interval = f", interval {row.lower_months:.0f}-{row.upper_months:.0f}" if has_interval else ""
-                age = f"{row.bone_age_months:.1f} months ({row.bone_age})"
-                clinical = ""
-                if pd.notna(row.chronological_age_months):
-                    clinical = f"; age {row.chronological_age_months:.0f} months, BA-CA {row.ba_minus_ca_months:+.1f}"
-                    if pd.notna(row.sds):
-                        spread = f" ({row.sds_lower:+.2f} to {row.sds_upper:+.2f})" if pd.notna(row.sds_lower) else ""
-                        clinical += f", SDS {row.sds:+.2f}{spread}, {row.call}"
-                if pd.notna(row.reader_bone_age_months):
-                    clinical += f"; reader {row.reader_bone_age_months:g} months ({row.reader_minus_model_months:+.1f})"
-                clinical += f"; {row.message}" if row.message else ""
-                print(f"{row.id}: bone age {age}{interval}, {row.stage} [{sex}]{clinical}")
-            else:
-                print(f"{row.id}: {row.status}: {row.message}")
-    counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
-    print(
-        f"wrote {args.output}: {len(table) - len(failed)} predicted" + (f"; not predicted: {counts}" if counts else "")
-    )
-    for row in failed.head(20).itertuples():
-        print(f"  {row.message}", file=sys.stderr)  # every message names its file
-    return 3 if len(failed) else 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from boneage.serve import serve
-
-    serve(args.host, args.port, args.model, args.backend, args.max_upload_mb)
-    return 0
-
-
-def _cmd_listen(args: argparse.Namespace) -> int:
-    from boneage.pacs import listen
-
-    listen(args.output, args.host, args.port, args.ae_title, args.send_to, args.model, args.backend)
-    return 0
-
-
-def _cmd_chart(args: argparse.Namespace) -> int:
-    import csv
-
-    from boneage.followup import FOLLOW_UP_COLUMNS, follow_up, is_prediction_file, overall_change, read_predictions
-    from boneage.pacs import LIGHT, render_age_chart
-    from boneage.runtime import format_age, predict_paths
-
-    missing = [path for path in args.paths if not Path(path).exists()]
-    if missing:  # one child's few files: a wrong name is a typo to fix, not a row to skip
-        raise FileNotFoundError(f"{', '.join(missing)}: file not found")
-    if len(args.paths) == 1 and is_prediction_file(args.paths[0]):
-        rows = read_predictions(args.paths[0])
-    else:  # the child's radiographs: read them first (sex and ages from the headers, --sex, --metadata)
-        table = predict_paths(
-            args.paths, args.predictions_out, model_dir=args.model, metadata=args.metadata, sex=args.sex
-        )
-        print(f"wrote {args.predictions_out}: {int((table['status'] == 'ok').sum())} of {len(table)} predicted")
-        rows = table.to_dict("records")
-    course, skipped = follow_up(rows)
-
-    def change(c: dict[str, typing.Any]) -> str:
-        ratio = f", ratio {c['change_ratio']:.2f}" if c["change_ratio"] is not None else ""
-        error = f", error +/-{c['change_error_months']:.0f}" if c["change_error_months"] is not None else ""
-        return (
-            f"{c['age_change_months']:+.1f} months of age, {c['bone_age_change_months']:+.1f} of bone age"
-            f"{ratio}{error}: {c['change_call']}"
-        )
-
-    for visit in course:
-        age = format_age(visit["chronological_age_months"])
-        line = f"{visit['id']}: age {age}, bone age {visit['bone_age_months']:.1f}"
-        if visit["lower_months"] is not None:
-            line += f" ({visit['lower_months']:.0f}-{visit['upper_months']:.0f})"
-        if visit["sds"] is not None:
-            line += f", SDS {visit['sds']:+.2f}, {visit['call']}"
-        if visit.get("age_change_months") is not None:
-            line += f"; since the visit before: {change(visit)}"
-        print(line)
-    if (overall := overall_change(course)) is not None:
-        print(f"first to last visit: {change(overall)}")
-    for reason in skipped:
-        print(f"  left out: {reason}", file=sys.stderr)
-    chart = render_age_chart(course, size=args.size, palette=LIGHT)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    chart.save(args.output)
-    print(f"wrote {args.output}: {len(course)} visit(s)")
-    if args.table:
-        with open(args.table, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FOLLOW_UP_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(course)
-        print(f"wrote {args.table}")
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from boneage.evaluate import evaluate, format_report
-
-    metrics = evaluate(
-        args.predictions,
-        args.labels,
-        args.output,
-        history=args.history,
-        figures=not args.no_figures,
-        stage_predictions=args.stage_predictions,
-        compare=args.compare,
-    )
-    print(format_report(metrics))
-    if args.output:
-        print(f"wrote {args.output}: metrics.json, report.txt" + ("" if args.no_figures else ", figures, report.html"))
-    return 0
+def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False) -> None:
+    """``--labels``, ``--images``, ``--split`` and ``--model``: a labelled image folder and the model to run on it."""
+    parser.add_argument("--labels", required=True, help="CSV with id,boneage,male")
+    parser.add_argument("--images", required=True, help="folder of <id>.png")
+    parser.add_argument("--split", required=split_required, help="id,split CSV")
+    parser.add_argument("--model", help="model folder (default: the shipped model)")
 
 
 def _answer(row: dict[str, typing.Any]) -> str:
@@ -255,175 +103,34 @@ def _answer(row: dict[str, typing.Any]) -> str:
     return row["stage"] if months is None else f"bone age {months:.1f} months"
 
 
-def _cmd_gradcam(args: argparse.Namespace) -> int:
-    from boneage.explain import gradcam_grid
-    from boneage.predict import Predictor, collect_images, resolve_sexes
-
-    paths = collect_images(args.paths)[: args.max_images]
-    sexes = resolve_sexes(paths, args.sex, args.metadata)
-    unknown = [str(p) for p, male in zip(paths, sexes) if male is None]
-    if unknown:
-        raise ValueError(f"sex unknown for {', '.join(unknown)}; pass --sex M|F or --metadata CSV with id,male")
-    predictor = Predictor.load(args.model)
-    rows = predictor.predict_files(paths, list(sexes), num_workers=0)  # the answers `boneage predict` gives
-    answers = [_answer(row) for row in rows]
-    gradcam_grid(predictor.model, predictor.contract, paths, [bool(m) for m in sexes], args.output, answers=answers)
-    print(f"wrote {args.output} ({len(paths)} images)")
-    return 0
-
-
-def _cmd_tsne(args: argparse.Namespace) -> int:
-    from boneage.data import read_labels, read_split
-    from boneage.explain import tsne_figure
-    from boneage.predict import Predictor
-
-    predictor = Predictor.load(args.model)
-    table = read_labels(args.labels, args.images)
-    if args.split:
-        table = table.merge(read_split(args.split, table), on="id")
-        table = table[table["split"] == args.subset]
-    tsne_figure(predictor.model, predictor.contract, table, args.output, args.max_images)
-    print(f"wrote {args.output} ({min(args.max_images, len(table))} images)")
-    return 0
-
-
-def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from boneage.ensemble import fit_ensemble
-
-    summary = fit_ensemble(args.labels, args.images, args.split, args.output, model_dir=args.model, seed=args.seed)
-    print(f"CNN weight fitted on the calibration half of val: {summary['cnn_weight']:.2f}")
-    print(f"MAE on the evaluation half of val (n={summary['n_evaluation']}, used for neither fitting nor selection):")
-    for name, value in summary["evaluation_mae_months"].items():
-        print(f"  {name:<22} {value:.2f} months")
-    print(f"wrote {args.output}/ensemble.json and xgboost.json")
-    return 0
-
-
-def _cmd_combine(args: argparse.Namespace) -> int:
-    import torch
-
-    from boneage.model import combine_model_folders
-
-    if Path(args.output).exists():
-        raise FileExistsError(f"{args.output} already exists; choose another --output")
-    combine_model_folders(args.models, args.output, dtype=getattr(torch, args.dtype))
-    print(f"wrote {args.output}: the mean of {len(args.models)} networks")
-    print(f"next: boneage export --model {args.output} --attach  (the folder then also runs on onnxruntime)")
-    return 0
-
-
-def _default_model() -> Path:
-    from boneage.runtime import default_model_dir
-
-    return default_model_dir()
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from boneage.export import attach_onnx, export_onnx
-
-    if args.attach:
-        if args.int8 or args.output:
-            raise ValueError("--attach writes the fp32 model.onnx into the model folder; drop --int8/--output")
-        report = attach_onnx(args.model) if args.model else attach_onnx(_default_model())
-        for key, value in report.items():
-            print(f"{key}: {value}")
-        return 0
-    if not args.output:
-        raise ValueError("export: --output FILE.onnx is required (or --attach)")
-    report = export_onnx(
-        args.output,
-        model_dir=args.model,
-        int8=args.int8,
-        calibration=args.calibration or (),
-        parity_images=args.parity_images or (),
-        opset=args.opset,
-    )
+def _print_report(report: dict[str, typing.Any]) -> None:
+    """An export's report, one ``key: value`` line each."""
     for key, value in report.items():
         print(f"{key}: {value}")
-    return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from boneage.report import build_report
-
-    build_report(
-        args.labels,
-        args.images,
-        args.output,
-        model_dir=args.model,
-        split=args.split,
-        subset=args.subset,
-        classifier_dir=args.classifier,
-        ensemble=args.ensemble,
-        gradcam_images=args.gradcam_images,
-        tsne_images=args.tsne_images,
-    )
-    print(f"wrote {Path(args.output) / 'report.html'} (metrics.json, report.txt and figures beside it)")
-    return 0
+# ---------------------------------------------------------------------------------------------------------------------
+# the subcommands, in the order `boneage --help` lists them
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from boneage.uncertainty import calibrate_interval, store_interval
-
-    interval = calibrate_interval(args.predictions, args.labels, coverage=args.coverage, seed=args.seed)
-    held = interval["evaluation"]
-    print(
-        f"half-width {interval['half_width_months']:.2f} months from {interval['calibration']['n']} images; on the "
-        f"other {held['n']}: coverage {held['coverage']:.1%} (nominal {args.coverage:.0%}), "
-        f"width {held['mean_width_months']:.2f} months"
-    )
-    by_stage = held["coverage_by_reference_stage"]
-    print("  by reference stage: " + ", ".join(f"{k} {v['coverage']:.1%} (n={v['n']})" for k, v in by_stage.items()))
-    if args.model:
-        store_interval(args.model, interval)
-        print(f"stored in {Path(args.model) / 'config.json'}")
-    return 0
-
-
-def _cmd_fit_checks(args: argparse.Namespace) -> int:
-    from boneage.quality import fit_checks
-
-    result = fit_checks(args.model, args.labels, args.images, args.split, max_train=args.max_train)
-    refusal, polarity, orientation = result["assessability"], result["polarity"]["val"], result["orientation"]["val"]
-    print(
-        f"not assessable: threshold set on {refusal['threshold_set_on']}; on the other half of val "
-        f"{refusal['acceptance_heldout_val']:.1%} accepted (n={refusal['n_heldout_val']}); "
-        f"{refusal['rejection_non_hand']:.0%} of {len(refusal['non_hand_scores'])} non-hand images refused"
-    )
-    print(
-        f"inverted: on val (n={polarity['n']}) {polarity['as_given_called_inverted']} called inverted as given, "
-        f"{polarity['negatives_called_inverted']} of {polarity['n']} negatives"
-    )
-    print(
-        f"turned: on val {orientation['as_given_called_turned']} called turned as given, "
-        f"{orientation['turned_called_turned']} of {orientation['n_turned']} turned copies"
-    )
-    again = " (model.onnx exported again)" if "onnx" in result else ""
-    print(f"stored in {Path(args.model) / 'config.json'}{again}")
-    return 0
-
-
-def _add_data_args(parser: argparse.ArgumentParser, split_required: bool = False) -> None:
-    parser.add_argument("--labels", required=True, help="CSV with id,boneage,male")
-    parser.add_argument("--images", required=True, help="folder of <id>.png")
-    parser.add_argument("--split", required=split_required, help="id,split CSV")
-    parser.add_argument("--model", help="model folder (default: the shipped model)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from boneage.runtime import PREDICT_BATCH_SIZE
-
-    parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
-    parser.add_argument("--version", action="version", version=f"boneage {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with their traceback")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(commands: _Commands) -> None:
     train = commands.add_parser("train", help="train a model (seed recipe by default)")
     train.add_argument("--config", help="YAML config; flags override it")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
     _add_config_flags(train)
-    train.set_defaults(func=_cmd_train)
+    train.set_defaults(func=_run_train)
 
+
+def _run_train(args: argparse.Namespace) -> int:
+    from boneage.train import run_training
+
+    config = build_config(args)
+    run_dir = run_training(config, resume=args.resume)
+    print(f"run folder: {run_dir}\nmodel folder: {run_dir / 'model'}")
+    return 0
+
+
+def _add_split(commands: _Commands) -> None:
     split = commands.add_parser("split", help="make a stratified (stage x sex) train/val/test split CSV")
     split.add_argument("--labels", required=True)
     split.add_argument("--images", help="check that every image exists")
@@ -431,7 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--fractions", default="0.7,0.15,0.15")
     split.add_argument("--seed", type=int, default=42)
     split.add_argument("--drop-invalid", action="store_true")
-    split.set_defaults(func=_cmd_split)
+    split.set_defaults(func=_run_split)
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    from boneage.labels import make_split, read_labels
+
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    if len(fractions) != 3:
+        raise ConfigError(f"--fractions: expected three numbers train,val,test, got {args.fractions!r}")
+    labels = read_labels(labels_csv=args.labels, images_dir=args.images, drop_invalid=args.drop_invalid)
+    split = make_split(labels=labels, fractions=fractions, seed=args.seed)  # type: ignore[arg-type]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    split.to_csv(args.output, index=False)
+    counts = split["split"].value_counts().to_dict()
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("train", "val", "test")))
+    return 0
+
+
+def _add_predict(commands: _Commands) -> None:
+    from boneage.backends.base import PREDICT_BATCH_SIZE
 
     predict = commands.add_parser(
         "predict",
@@ -446,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "torch", "onnx"),
+        choices=_BACKENDS,
         help="inference engine (auto: onnxruntime when the model has model.onnx or is an .onnx file, else PyTorch)",
     )
     predict.add_argument(
@@ -502,8 +228,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
-    predict.set_defaults(func=_cmd_predict)
+    predict.set_defaults(func=_run_predict)
 
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from boneage.predict import predict_paths
+    from boneage.rows import plain_row, summary_line
+
+    table = predict_paths(
+        paths=args.paths,
+        output=args.output,
+        model_dir=args.model,
+        metadata=args.metadata,
+        sex=args.sex,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+        backend=args.backend,
+        tta=args.tta,
+        chronological_age=args.age,
+        gradcam_dir=args.gradcam,
+        resume=args.resume,
+        reading=args.reading,
+    )
+    if args.dicom_report or args.pdf_report:
+        from boneage.model_folder import default_model_dir, model_name
+
+        name = model_name(args.model or default_model_dir())
+    if args.dicom_report:
+        from boneage.secondary_capture import write_reports
+
+        written = write_reports(rows=table, folder=args.dicom_report, model_name=name)
+        print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
+    if args.pdf_report:
+        from boneage.render import write_pdf_reports
+
+        pages, problems = write_pdf_reports(rows=table, folder=args.pdf_report, model_name=name)
+        print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    failed = table[table["status"] != "ok"]
+    if len(table) <= 20:
+        for record in table.to_dict("records"):
+            print(summary_line(plain_row(record)))
+    counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
+    print(
+        f"wrote {args.output}: {len(table) - len(failed)} predicted" + (f"; not predicted: {counts}" if counts else "")
+    )
+    for message in failed["message"].head(20):
+        print(f"  {message}", file=sys.stderr)  # every message names its file
+    return 3 if len(failed) else 0
+
+
+def _add_serve(commands: _Commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="web dashboard and JSON API (POST /api/v1/predict, GET /api/v1/health)",
@@ -515,12 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "torch", "onnx"),
+        choices=_BACKENDS,
         help="inference engine (auto: PyTorch when installed, for Grad-CAM; else onnxruntime)",
     )
     serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload (default: 32)")
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=_run_serve)
 
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from boneage.serve import serve
+
+    serve(host=args.host, port=args.port, model_dir=args.model, backend=args.backend, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def _add_listen(commands: _Commands) -> None:
     listen = commands.add_parser(
         "listen",
         help="DICOM node for a PACS: reads every radiograph sent to it, returns a report to the study",
@@ -534,9 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--ae-title", default="BONEAGE", help="this node's AE title (default: BONEAGE)")
     listen.add_argument("--send-to", help="HOST:PORT[:AE_TITLE] of the node (the PACS) that receives the reports")
     listen.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
-    listen.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"), help="inference engine")
-    listen.set_defaults(func=_cmd_listen)
+    listen.add_argument("--backend", default="auto", choices=_BACKENDS, help="inference engine")
+    listen.set_defaults(func=_run_listen)
 
+
+def _run_listen(args: argparse.Namespace) -> int:
+    from boneage.pacs import listen
+
+    listen(
+        output=args.output,
+        host=args.host,
+        port=args.port,
+        ae_title=args.ae_title,
+        send_to=args.send_to,
+        model=args.model,
+        backend=args.backend,
+    )
+    return 0
+
+
+def _add_chart(commands: _Commands) -> None:
     chart = commands.add_parser(
         "chart",
         help="one child's visits on the chart of bone age against age, with the change between visits",
@@ -564,8 +367,60 @@ def build_parser() -> argparse.ArgumentParser:
     chart.add_argument("--output", default="course.png", help="chart PNG (default: course.png)")
     chart.add_argument("--table", help="also write the visits and changes as CSV")
     chart.add_argument("--size", type=int, default=600, help="chart side in pixels (default: 600)")
-    chart.set_defaults(func=_cmd_chart)
+    chart.set_defaults(func=_run_chart)
 
+
+def _run_chart(args: argparse.Namespace) -> int:
+    import csv
+
+    from boneage.followup import (
+        FOLLOW_UP_COLUMNS,
+        change_text,
+        follow_up,
+        is_prediction_file,
+        overall_change,
+        read_predictions,
+        visit_line,
+    )
+    from boneage.predict import predict_paths
+    from boneage.render import LIGHT, render_age_chart
+
+    missing = [path for path in args.paths if not Path(path).exists()]
+    if missing:  # one child's few files: a wrong name is a typo to fix, not a row to skip
+        raise FileNotFoundError(f"{', '.join(missing)}: file not found")
+    if len(args.paths) == 1 and is_prediction_file(args.paths[0]):
+        rows = read_predictions(args.paths[0])
+    else:  # the child's radiographs: read them first (sex and ages from the headers, --sex, --metadata)
+        table = predict_paths(
+            paths=args.paths,
+            output=args.predictions_out,
+            model_dir=args.model,
+            metadata=args.metadata,
+            sex=args.sex,
+        )
+        print(f"wrote {args.predictions_out}: {int((table['status'] == 'ok').sum())} of {len(table)} predicted")
+        rows = table.to_dict("records")
+    course, skipped = follow_up(rows)
+    for visit in course:
+        print(visit_line(visit))
+    if (overall := overall_change(course)) is not None:
+        print(f"first to last visit: {change_text(overall)}")
+    for reason in skipped:
+        print(f"  left out: {reason}", file=sys.stderr)
+    chart = render_age_chart(row=course, size=args.size, palette=LIGHT)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    chart.save(args.output)
+    print(f"wrote {args.output}: {len(course)} visit(s)")
+    if args.table:
+        with open(args.table, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FOLLOW_UP_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(course)
+        print(f"wrote {args.table}")
+    return 0
+
+
+def _add_evaluate(commands: _Commands) -> None:
     evaluate = commands.add_parser("evaluate", help="score a prediction CSV against labels (MAE, QWK, per sex ...)")
     evaluate.add_argument("--predictions", required=True, help="CSV from boneage predict (id,bone_age_months,...)")
     evaluate.add_argument("--labels", required=True, help="CSV with id,boneage,male")
@@ -579,8 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="another model's predictions: both scored on the images both predicted, with paired bootstrap "
         "intervals for the MAE and QWK differences",
     )
-    evaluate.set_defaults(func=_cmd_evaluate)
+    evaluate.set_defaults(func=_run_evaluate)
 
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from boneage.evaluate import evaluate
+    from boneage.metrics import format_report
+
+    metrics = evaluate(
+        predictions=args.predictions,
+        labels=args.labels,
+        output=args.output,
+        history=args.history,
+        figures=not args.no_figures,
+        stage_predictions=args.stage_predictions,
+        compare=args.compare,
+    )
+    print(format_report(metrics))
+    if args.output:
+        print(f"wrote {args.output}: metrics.json, report.txt" + ("" if args.no_figures else ", figures, report.html"))
+    return 0
+
+
+def _add_gradcam(commands: _Commands) -> None:
     gradcam = commands.add_parser("gradcam", help="Grad-CAM grid (image, heatmap, overlay) for a few radiographs")
     gradcam.add_argument("paths", nargs="+", metavar="PATH")
     gradcam.add_argument("--model", help="model folder (default: the shipped model)")
@@ -588,29 +464,116 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--metadata", help="CSV with id,male")
     gradcam.add_argument("--max-images", type=int, default=8)
     gradcam.add_argument("--output", default="gradcam.png")
-    gradcam.set_defaults(func=_cmd_gradcam)
+    gradcam.set_defaults(func=_run_gradcam)
 
+
+def _run_gradcam(args: argparse.Namespace) -> int:
+    from boneage.backends.torch import TorchPredictor
+    from boneage.explain import gradcam_grid
+    from boneage.inputs import collect_images, resolve_sexes
+
+    paths = collect_images(paths=args.paths)[: args.max_images]
+    sexes = resolve_sexes(files=paths, sex=args.sex, metadata=args.metadata)
+    unknown = [str(p) for p, male in zip(paths, sexes) if male is None]
+    if unknown:
+        raise ValueError(f"sex unknown for {', '.join(unknown)}; pass --sex M|F or --metadata CSV with id,male")
+    predictor = TorchPredictor.load(model_dir=args.model)
+    # the answers `boneage predict` gives
+    rows = predictor.predict_files(paths=paths, sexes=list(sexes), num_workers=0)
+    answers = [_answer(row) for row in rows]
+    gradcam_grid(
+        model=predictor.model,
+        contract=predictor.contract,
+        paths=paths,
+        male=[bool(m) for m in sexes],
+        output=args.output,
+        answers=answers,
+    )
+    print(f"wrote {args.output} ({len(paths)} images)")
+    return 0
+
+
+def _add_tsne(commands: _Commands) -> None:
     tsne = commands.add_parser("tsne", help="t-SNE of the model's features, coloured by bone age and by sex")
     _add_data_args(tsne)
     tsne.add_argument("--subset", default="val", help="with --split, only that part")
     tsne.add_argument("--max-images", type=int, default=1000)
     tsne.add_argument("--output", default="tsne.png")
-    tsne.set_defaults(func=_cmd_tsne)
+    tsne.set_defaults(func=_run_tsne)
 
+
+def _run_tsne(args: argparse.Namespace) -> int:
+    from boneage.backends.torch import TorchPredictor
+    from boneage.explain import tsne_figure
+    from boneage.labels import read_labels, read_split
+
+    predictor = TorchPredictor.load(model_dir=args.model)
+    table = read_labels(labels_csv=args.labels, images_dir=args.images)
+    if args.split:
+        table = table.merge(read_split(split_csv=args.split, labels=table), on="id")
+        table = table[table["split"] == args.subset]
+    tsne_figure(
+        model=predictor.model,
+        contract=predictor.contract,
+        table=table,
+        output=args.output,
+        max_images=args.max_images,
+    )
+    print(f"wrote {args.output} ({min(args.max_images, len(table))} images)")
+    return 0
+
+
+def _add_ensemble(commands: _Commands) -> None:
     ensemble = commands.add_parser("ensemble", help="XGBoost on CNN features + a blend weight fit on half of val")
     _add_data_args(ensemble, split_required=True)
     ensemble.add_argument("--seed", type=int, default=0, help="seed of the val halving and XGBoost")
     ensemble.add_argument("--output", required=True)
-    ensemble.set_defaults(func=_cmd_ensemble)
+    ensemble.set_defaults(func=_run_ensemble)
 
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from boneage.blend import fit_ensemble
+
+    summary = fit_ensemble(
+        labels=args.labels,
+        images=args.images,
+        split=args.split,
+        output=args.output,
+        model_dir=args.model,
+        seed=args.seed,
+    )
+    print(f"CNN weight fitted on the calibration half of val: {summary['cnn_weight']:.2f}")
+    print(f"MAE on the evaluation half of val (n={summary['n_evaluation']}, used for neither fitting nor selection):")
+    for name, value in summary["evaluation_mae_months"].items():
+        print(f"  {name:<22} {value:.2f} months")
+    print(f"wrote {args.output}/ensemble.json and xgboost.json")
+    return 0
+
+
+def _add_combine(commands: _Commands) -> None:
     combine = commands.add_parser(
         "combine", help="average several trained model folders (same architecture and data contract) into one"
     )
     combine.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders, e.g. runs/<name>/model")
     combine.add_argument("--output", required=True, help="the new model folder")
     combine.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored weight precision")
-    combine.set_defaults(func=_cmd_combine)
+    combine.set_defaults(func=_run_combine)
 
+
+def _run_combine(args: argparse.Namespace) -> int:
+    import torch
+
+    from boneage.model import combine_model_folders
+
+    if Path(args.output).exists():
+        raise FileExistsError(f"{args.output} already exists; choose another --output")
+    combine_model_folders(folders=args.models, output=args.output, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.output}: the mean of {len(args.models)} networks")
+    print(f"next: boneage export --model {args.output} --attach  (the folder then also runs on onnxruntime)")
+    return 0
+
+
+def _add_export(commands: _Commands) -> None:
     export = commands.add_parser("export", help="export a model folder to ONNX (dynamic batch), with a parity check")
     export.add_argument("--format", default="onnx", choices=("onnx",))
     export.add_argument("--model", help="model folder (default: the shipped model)")
@@ -624,8 +587,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibration", nargs="+", metavar="PATH", help="images for int8 calibration")
     export.add_argument("--parity-images", nargs="+", metavar="PATH", help="real images for the parity check")
     export.add_argument("--opset", type=int, default=18)
-    export.set_defaults(func=_cmd_export)
+    export.set_defaults(func=_run_export)
 
+
+def _run_export(args: argparse.Namespace) -> int:
+    from boneage.export import attach_onnx, export_onnx
+
+    if args.attach:
+        if args.int8 or args.output:
+            raise ValueError("--attach writes the fp32 model.onnx into the model folder; drop --int8/--output")
+        from boneage.model_folder import default_model_dir
+
+        _print_report(attach_onnx(model_dir=args.model or default_model_dir()))
+        return 0
+    if not args.output:
+        raise ValueError("export: --output FILE.onnx is required (or --attach)")
+    report = export_onnx(
+        output=args.output,
+        model_dir=args.model,
+        int8=args.int8,
+        calibration=args.calibration or (),
+        parity_images=args.parity_images or (),
+        opset=args.opset,
+    )
+    _print_report(report)
+    return 0
+
+
+def _add_report(commands: _Commands) -> None:
     report = commands.add_parser(
         "report", help="full evaluation of a model on a labelled subset: metrics, every figure, report.html"
     )
@@ -636,8 +625,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--gradcam-images", type=int, default=8)
     report.add_argument("--tsne-images", type=int, default=1000)
     report.add_argument("--output", required=True)
-    report.set_defaults(func=_cmd_report)
+    report.set_defaults(func=_run_report)
 
+
+def _run_report(args: argparse.Namespace) -> int:
+    from boneage.evaluation_report import build_report
+
+    build_report(
+        labels=args.labels,
+        images=args.images,
+        output=args.output,
+        model_dir=args.model,
+        split=args.split,
+        subset=args.subset,
+        classifier_dir=args.classifier,
+        ensemble=args.ensemble,
+        gradcam_images=args.gradcam_images,
+        tsne_images=args.tsne_images,
+    )
+    print(f"wrote {Path(args.output) / 'report.html'} (metrics.json, report.txt and figures beside it)")
+    return 0
+
+
+def _add_calibrate(commands: _Commands) -> None:
     calibrate = commands.add_parser(
         "calibrate", help="calibrate a prediction interval (split conformal) on labelled predictions, e.g. val"
     )
@@ -646,8 +656,30 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--coverage", type=float, default=0.9)
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation halving")
     calibrate.add_argument("--model", help="model folder to store the interval in (its config.json)")
-    calibrate.set_defaults(func=_cmd_calibrate)
+    calibrate.set_defaults(func=_run_calibrate)
 
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from boneage.uncertainty import calibrate_interval, store_interval
+
+    interval = calibrate_interval(
+        predictions=args.predictions, labels=args.labels, coverage=args.coverage, seed=args.seed
+    )
+    held = interval["evaluation"]
+    print(
+        f"half-width {interval['half_width_months']:.2f} months from {interval['calibration']['n']} images; on the "
+        f"other {held['n']}: coverage {held['coverage']:.1%} (nominal {args.coverage:.0%}), "
+        f"width {held['mean_width_months']:.2f} months"
+    )
+    by_stage = held["coverage_by_reference_stage"]
+    print("  by reference stage: " + ", ".join(f"{k} {v['coverage']:.1%} (n={v['n']})" for k, v in by_stage.items()))
+    if args.model:
+        store_interval(model_dir=args.model, interval=interval)
+        print(f"stored in {Path(args.model) / 'config.json'}")
+    return 0
+
+
+def _add_fit_checks(commands: _Commands) -> None:
     checks = commands.add_parser(
         "fit-checks",
         help="give a trained model folder the refusals of the shipped model (not assessable, inverted, turned)",
@@ -657,23 +689,119 @@ def build_parser() -> argparse.ArgumentParser:
     checks.add_argument("--images", required=True, help="folder of <id>.png")
     checks.add_argument("--split", required=True, help="id,split CSV: fit on its train, threshold and measure on val")
     checks.add_argument("--max-train", type=int, default=3000, help="train images to fit on (default: 3000)")
-    checks.set_defaults(func=_cmd_fit_checks)
+    checks.set_defaults(func=_run_fit_checks)
 
+
+def _run_fit_checks(args: argparse.Namespace) -> int:
+    from boneage.fit_checks import fit_checks
+
+    result = fit_checks(
+        model_dir=args.model,
+        labels=args.labels,
+        images=args.images,
+        split=args.split,
+        max_train=args.max_train,
+    )
+    refusal, polarity, orientation = result["assessability"], result["polarity"]["val"], result["orientation"]["val"]
+    print(
+        f"not assessable: threshold set on {refusal['threshold_set_on']}; on the other half of val "
+        f"{refusal['acceptance_heldout_val']:.1%} accepted (n={refusal['n_heldout_val']}); "
+        f"{refusal['rejection_non_hand']:.0%} of {len(refusal['non_hand_scores'])} non-hand images refused"
+    )
+    print(
+        f"inverted: on val (n={polarity['n']}) {polarity['as_given_called_inverted']} called inverted as given, "
+        f"{polarity['negatives_called_inverted']} of {polarity['n']} negatives"
+    )
+    print(
+        f"turned: on val {orientation['as_given_called_turned']} called turned as given, "
+        f"{orientation['turned_called_turned']} of {orientation['n_turned']} turned copies"
+    )
+    again = " (model.onnx exported again)" if "onnx" in result else ""
+    print(f"stored in {Path(args.model) / 'config.json'}{again}")
+    return 0
+
+
+def _add_validate(commands: _Commands) -> None:
     validate = commands.add_parser("validate", help="check a labels CSV and its image folder")
     validate.add_argument("--labels", required=True)
     validate.add_argument("--images", required=True)
     validate.add_argument("--decode", action="store_true", help="also decode every image")
-    validate.set_defaults(func=_cmd_validate)
+    validate.set_defaults(func=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from boneage.labels import read_labels
+
+    labels = read_labels(labels_csv=args.labels, images_dir=args.images)
+    bad = 0
+    if args.decode:
+        from boneage.errors import ImageReadError
+        from boneage.imageio import read_image
+
+        for path in labels["path"]:
+            try:
+                read_image(path)
+            except ImageReadError as err:
+                bad += 1
+                print(f"unreadable: {err}", file=sys.stderr)
+    print(
+        f"{args.labels}: {len(labels)} valid rows, {int(labels['male'].sum())} male, "
+        f"ages {labels['boneage'].min():g}-{labels['boneage'].max():g} months"
+        + (f"; {bad} unreadable image(s)" if args.decode else "")
+    )
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the parser and the entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``boneage`` parser: the global flags and every subcommand, in the order ``--help`` lists them."""
+    parser = argparse.ArgumentParser(prog="boneage", description="Skeletal (bone) age from hand radiographs.")
+    parser.add_argument("--version", action="version", version=f"boneage {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with their traceback")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    _add_split(commands)
+    _add_predict(commands)
+    _add_serve(commands)
+    _add_listen(commands)
+    _add_chart(commands)
+    _add_evaluate(commands)
+    _add_gradcam(commands)
+    _add_tsne(commands)
+    _add_ensemble(commands)
+    _add_combine(commands)
+    _add_export(commands)
+    _add_report(commands)
+    _add_calibrate(commands)
+    _add_fit_checks(commands)
+    _add_validate(commands)
     return parser
 
 
+def _one_line_error(err: Exception, command: str) -> Exception:
+    """A missing optional dependency as the extra that provides it; any other error as it is."""
+    torch_parts = ("torch", "torchvision", "timm", "lightning", "safetensors", "sklearn")
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "pynetdicom":
+        err = ImportError(f"`boneage {command}` needs pynetdicom: pip install 'boneage[pacs]' ({err})")
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in torch_parts:
+        err = ImportError(f"`boneage {command}` needs PyTorch and its stack: pip install 'boneage[torch]' ({err})")
+    return err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``boneage`` with ``argv`` (default: the process's arguments) and return its exit status.
+
+    Exit status 0: done; 2: bad arguments, input or model (one line on stderr; ``-v`` shows the traceback); 1: stdout
+    closed early; a command may return others (``predict``: 3 when some rows failed; ``validate``: 1).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("boneage")
-    package_logger.addHandler(handler)
+    if _LOG_HANDLER not in package_logger.handlers:  # once per process, however often main() is called
+        package_logger.addHandler(_LOG_HANDLER)
     package_logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
@@ -683,14 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BoneAgeError, ValueError, ImportError, FileNotFoundError, FileExistsError) as err:  # one-line errors
         if args.verbose:
             raise
-        torch_parts = ("torch", "torchvision", "timm", "lightning", "safetensors", "sklearn")
-        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "pynetdicom":
-            err = ImportError(f"`boneage {args.command}` needs pynetdicom: pip install 'boneage[pacs]' ({err})")
-        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in torch_parts:
-            err = ImportError(
-                f"`boneage {args.command}` needs PyTorch and its stack: pip install 'boneage[torch]' ({err})"
-            )
-        print(f"boneage {args.command}: error: {err}", file=sys.stderr)
+        print(f"boneage {args.command}: error: {_one_line_error(err, args.command)}", file=sys.stderr)
         return 2
 
 

@@ -16,19 +16,13 @@ from typing import Any
 
 import yaml
 
+from boneage.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TASKS = ("regression", "classification")
 RESIZE_MODES = ("squash", "letterbox")
-
-
-class BoneAgeError(RuntimeError):
-    """Base of the package's runtime errors that the CLI reports as one line (bad values are ValueErrors)."""
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is invalid."""
 
 
 @dataclass

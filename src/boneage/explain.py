@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from boneage.data import STAGE_NAMES, load_resized, normalize
+from boneage.dataset import BoneAgeDataset, load_resized, normalize
+from boneage.figures import pyplot, save_figure
+from boneage.imageio import STAGE_NAMES, read_image
 from boneage.model import BoneAgeEnsemble, BoneAgeNet
 
 
@@ -82,8 +84,6 @@ def gradcam_overlay(
     ``max_side``. The heatmap is mapped back onto the whole image the way the model's resize mapped the image."""
     from PIL import Image
 
-    from boneage.data import read_image
-
     gray = read_image(path)  # (H, W) in [0, 1]
     height, width = gray.shape
     scale = min(1.0, max_side / max(height, width))
@@ -119,9 +119,7 @@ def gradcam_grid(
     the correction, or why it refused), shown over the overlay; without it the title shows the network's own one-pass
     output, labelled as such.
     """
-    from boneage.report import _pyplot, save_figure
-
-    plt = _pyplot()
+    plt = pyplot()
     raw = torch.stack([load_resized(p, contract) for p in paths])  # (B, 1, S, S) in [0, 1]
     images = torch.stack([normalize(r, contract) for r in raw])
     sex = torch.tensor([int(m) for m in male])
@@ -174,9 +172,7 @@ def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: 
     """t-SNE of the penultimate features, side by side coloured by bone age and by sex."""
     from sklearn.manifold import TSNE
 
-    from boneage.report import _pyplot, save_figure
-
-    plt = _pyplot()
+    plt = pyplot()
     perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
     embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
@@ -196,8 +192,6 @@ def plot_tsne(features: np.ndarray, ages: np.ndarray, male: np.ndarray, output: 
 def tsne_figure(model: BoneAgeNet, contract: Any, table: Any, output: str | Path, max_images: int = 1000) -> Path:
     """t-SNE figure for up to ``max_images`` rows (a fixed random sample) of a labels table with paths."""
     from torch.utils.data import DataLoader
-
-    from boneage.data import BoneAgeDataset
 
     sample = table.sample(n=min(max_images, len(table)), random_state=0).reset_index(drop=True)
     loader = DataLoader(BoneAgeDataset(sample, contract), batch_size=64, num_workers=2 if len(sample) > 256 else 0)

@@ -17,19 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from boneage.config import BoneAgeError
-from boneage.data import preprocess
-from boneage.model import contract_from_description
-from boneage.predict import Predictor
-from boneage.runtime import METADATA_KEY, OnnxPredictor  # noqa: F401 - re-exported
+from boneage.backends.torch import TorchPredictor
+from boneage.config import contract_from_description
+from boneage.dataset import preprocess
+from boneage.errors import ExportError
+from boneage.inputs import collect_images
+from boneage.model_folder import METADATA_KEY, ONNX_FILE, sha256_file, update_description
 
 logger = logging.getLogger(__name__)
 
 FP32_TOLERANCE_MONTHS = 0.05
-
-
-class ExportError(BoneAgeError):
-    """Export failed or the exported model does not match PyTorch."""
 
 
 def _require(module: str, extra: str = "onnx") -> Any:
@@ -105,9 +102,7 @@ def export_onnx(
     """
     onnx = _require("onnx")
     ort = _require("onnxruntime")
-    from boneage.predict import collect_images
-
-    predictor = Predictor.load(model_dir)
+    predictor = TorchPredictor.load(model_dir)
     model, description = predictor.model.eval(), predictor.description
     exported = _Exported(model, predictor.assessability).eval()
     output_names = ["output", "score"] if predictor.assessability is not None else ["output"]
@@ -192,17 +187,23 @@ def export_onnx(
 
 def attach_onnx(model_dir: str | Path) -> dict[str, Any]:
     """Export a model folder's fp32 ONNX to ``<folder>/model.onnx`` and record its checksum in ``config.json``, so
-    the folder also predicts on onnxruntime (and without PyTorch). Returns the export report."""
-    from boneage.model import CONFIG_FILE, read_model_description, sha256_file
-    from boneage.runtime import ONNX_FILE
+    the folder also predicts on onnxruntime (and without PyTorch). Returns the export report.
 
+    The graph is written beside the folder's files under another name and takes the name ``model.onnx`` only after
+    its parity check passed, so a failed or interrupted export never leaves an unchecked ``model.onnx``.
+    """
     folder = Path(model_dir)
-    report = export_onnx(folder / ONNX_FILE, folder)
-    description = read_model_description(folder)
-    description["onnx"] = {
+    partial = folder / (Path(ONNX_FILE).stem + ".partial.onnx")
+    try:
+        report = export_onnx(partial, folder)
+        partial.replace(folder / ONNX_FILE)
+    finally:
+        partial.unlink(missing_ok=True)
+    report["output"] = str(folder / ONNX_FILE)
+    onnx_info = {
         "file": ONNX_FILE,
         "sha256": sha256_file(folder / ONNX_FILE),
         "max_abs_diff_months": max(v for k, v in report.items() if k.startswith("max_abs_diff")),
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2))
+    update_description(folder, lambda description: description.update(onnx=onnx_info))
     return report

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from boneage.imageio import parse_sex
-from boneage.runtime import plain_row
+from boneage.rows import format_age, plain_row
 
 FOLLOW_UP_COLUMNS = [
     "id",
@@ -80,6 +80,31 @@ def follow_up(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
 def overall_change(course: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The change from the first visit to the last (as :func:`follow_up`'s per-visit changes); None for one visit."""
     return _change(course[0], course[-1]) if len(course) > 1 else None
+
+
+def change_text(change: dict[str, Any]) -> str:
+    """A change between two visits (:func:`overall_change`, or a visit's change since the one before) in words: the
+    age and bone-age changes in months, their ratio and combined error when known, and the call."""
+    ratio = f", ratio {change['change_ratio']:.2f}" if change["change_ratio"] is not None else ""
+    error = f", error +/-{change['change_error_months']:.0f}" if change["change_error_months"] is not None else ""
+    return (
+        f"{change['age_change_months']:+.1f} months of age, {change['bone_age_change_months']:+.1f} of bone age"
+        f"{ratio}{error}: {change['change_call']}"
+    )
+
+
+def visit_line(visit: dict[str, Any]) -> str:
+    """One visit of :func:`follow_up`'s course in one line, as ``boneage chart`` prints it: age, bone age and its
+    interval, SDS and the call, and the change since the visit before (:func:`change_text`)."""
+    age = format_age(visit["chronological_age_months"])
+    line = f"{visit['id']}: age {age}, bone age {visit['bone_age_months']:.1f}"
+    if visit["lower_months"] is not None:
+        line += f" ({visit['lower_months']:.0f}-{visit['upper_months']:.0f})"
+    if visit["sds"] is not None:
+        line += f", SDS {visit['sds']:+.2f}, {visit['call']}"
+    if visit.get("age_change_months") is not None:
+        line += f"; since the visit before: {change_text(visit)}"
+    return line
 
 
 def _half_width(visit: dict[str, Any]) -> float | None:

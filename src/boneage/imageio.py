@@ -1,10 +1,9 @@
 """Image decoding and the inference-time preprocessing, in NumPy and Pillow only (no PyTorch).
 
 This is all a torch-free install needs to turn a PNG, JPEG, TIFF or DICOM file into the model input: the ONNX path
-(:mod:`boneage.runtime`) uses it directly and :mod:`boneage.data` builds its tensors on it. The resize is Pillow's
-bilinear filter on float32 images, which is the same antialiased filter as ``torch.nn.functional.interpolate(...,
-mode="bilinear", antialias=True)`` (measured difference below 1e-6).
-"""
+(:mod:`boneage.backends.onnx`) uses it directly and :mod:`boneage.dataset` builds its tensors on it. The resize is
+Pillow's bilinear filter on float32 images, which is the same antialiased filter as
+``torch.nn.functional.interpolate(..., mode="bilinear", antialias=True)`` (measured difference below 1e-6)."""
 
 from __future__ import annotations
 
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from boneage.errors import ImageReadError
 
 # Age stages exactly as the seed: Infant/Toddler [0,60), Child [60,120), Pre-adolescent [120,180), Adolescent 180+.
 STAGE_NAMES = ("Infant/Toddler", "Child", "Pre-adolescent", "Adolescent")
@@ -28,10 +29,6 @@ ID_HEADERS = ("id", "image_id", "image id", "case id")
 AGE_HEADERS = ("boneage", "bone_age_months", "bone_age", "bone age (months)", "ground truth bone age (months)")
 MALE_HEADERS = ("male", "is_male")  # true/false, 1/0, M/F
 SEX_HEADERS = ("sex", "gender")  # M/F or male/female only: 1/0 would not say which is which
-
-
-class ImageReadError(ValueError):
-    """An image file could not be decoded into a usable radiograph."""
 
 
 def parse_sex(value: Any) -> bool | None:
@@ -206,7 +203,7 @@ def header_patient_info(header: Any) -> dict[str, Any]:
 
 def resize_array(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
     """Resize an (H, W) float32 image to (size, size): ``squash`` stretches, ``letterbox`` keeps the aspect ratio and
-    pads the short side with 0 (the same geometry as :func:`boneage.data.resize`)."""
+    pads the short side with 0 (the same geometry as :func:`boneage.dataset.resize`)."""
     from PIL import Image
 
     height, width = image.shape
@@ -225,7 +222,7 @@ def resize_array(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarr
 
 def preprocess_array(path: str | Path, contract: Any) -> np.ndarray:
     """File -> model input (C, S, S) float32: decode, resize (through ``source_size`` when the contract has one),
-    clip to [0, 1], normalise with the contract (:func:`boneage.data.preprocess` without PyTorch)."""
+    clip to [0, 1], normalise with the contract (:func:`boneage.dataset.preprocess` without PyTorch)."""
     image = read_image(path)
     if contract.source_size is not None:
         image = resize_array(image, int(contract.source_size), contract.resize_mode).clip(0.0, 1.0)

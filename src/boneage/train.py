@@ -21,16 +21,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from boneage.config import Config
-from boneage.data import (
-    BoneAgeDataset,
-    augment_batch,
-    build_augment,
-    make_split,
-    normalize_batch,
-    read_labels,
-    read_split,
-    stage_of,
-)
+from boneage.dataset import BoneAgeDataset, augment_batch, build_augment, normalize_batch, stage_tensor
+from boneage.labels import make_split, read_labels, read_split
 from boneage.model import BoneAgeNet, load_pretrained, save_model_folder
 
 logger = logging.getLogger(__name__)
@@ -99,7 +91,7 @@ class BoneAgeModule(pl.LightningModule):
         self.log("val_loss", self._loss(output, batch), on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         if self.is_regression:
             mae = (output.float() - batch["age_months"]).abs().mean()
-            stage_acc = (stage_of(output.float()) == batch["stage"]).float().mean()
+            stage_acc = (stage_tensor(output.float()) == batch["stage"]).float().mean()
         else:
             # expected age from the stage probabilities is not defined; report accuracy and leave MAE out
             mae = None

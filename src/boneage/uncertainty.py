@@ -7,16 +7,16 @@ and width that the interval ``prediction +/- q`` actually reaches, so the stored
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from boneage.data import STAGE_NAMES, make_split, read_labels, stage_of
 from boneage.evaluate import read_predictions
-from boneage.model import CONFIG_FILE, read_model_description
+from boneage.imageio import STAGE_NAMES
+from boneage.labels import make_split, read_labels, stage_of
+from boneage.model_folder import update_description
 
 
 def conformal_half_width(residuals: np.ndarray, coverage: float = 0.9) -> float:
@@ -68,9 +68,4 @@ def calibrate_interval(
 
 def store_interval(model_dir: str | Path, interval: dict[str, Any]) -> None:
     """Write the calibrated interval into a model folder's config.json (the weights and their checksum stay)."""
-    description = read_model_description(model_dir)
-    description["uncertainty"] = interval
-    path = Path(model_dir) / CONFIG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(description, indent=2))
-    tmp.replace(path)
+    update_description(model_dir, lambda description: description.update(uncertainty=interval))

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from boneage.data import BoneAgeDataset, make_split, read_labels, read_split
+from boneage.backends.torch import TorchPredictor
+from boneage.dataset import BoneAgeDataset
 from boneage.explain import extract_features
-from boneage.predict import Predictor
+from boneage.labels import make_split, read_labels, read_split
 
 SEED_WEIGHT = 0.7  # the seed's hand-fixed CNN weight
 
@@ -39,7 +40,7 @@ def fit_blend_weight(truth: np.ndarray, cnn: np.ndarray, xgb: np.ndarray, grid: 
     return float(weights[int(np.argmin(errors))])
 
 
-def _features(predictor: Predictor, table: pd.DataFrame, batch_size: int, workers: int) -> tuple[np.ndarray, ...]:
+def _features(predictor: TorchPredictor, table: pd.DataFrame, batch_size: int, workers: int) -> tuple[np.ndarray, ...]:
     loader = DataLoader(BoneAgeDataset(table, predictor.contract), batch_size=batch_size, num_workers=workers)
     return extract_features(predictor.model, loader, with_output=True)  # the CNN's own prediction from the same pass
 
@@ -64,7 +65,7 @@ def fit_ensemble(
     except ImportError as err:
         raise ImportError("the XGBoost ensemble needs xgboost: pip install 'boneage[ensemble]'") from err
 
-    predictor = Predictor.load(model_dir)
+    predictor = TorchPredictor.load(model_dir)
     if predictor.task != "regression":
         raise ValueError("the XGBoost ensemble blends bone-age regressions; this model is a stage classifier")
     table = read_labels(labels, images)

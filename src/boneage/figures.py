@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boneage.data import STAGE_NAMES
-from boneage.evaluate import not_scored_note
+from boneage.imageio import STAGE_NAMES
+from boneage.metrics import not_scored_note
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -31,12 +31,12 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_predicted_vs_actual(joined: pd.DataFrame, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 6), dpi=120)
     for is_male, color, name in ((True, "tab:blue", "male"), (False, "tab:orange", "female")):
         part = joined[joined["male"] == is_male]
@@ -56,7 +56,7 @@ def plot_predicted_vs_actual(joined: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_errors(joined: pd.DataFrame, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     error = (joined["bone_age_months"] - joined["boneage"]).to_numpy()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     left.hist(error, bins=50, color="tab:gray", edgecolor="white")
@@ -85,7 +85,7 @@ def plot_errors(joined: pd.DataFrame, path: Path) -> Path:
 
 def plot_by_sex(joined: pd.DataFrame, metrics: dict[str, Any], path: Path) -> Path:
     """The gender-wise analysis: MAE and mean error per 2 years of reference age for each sex, and MAE per stage."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     bins = np.arange(0, 241, 24)
     for is_male, color, name in ((True, "tab:blue", "male"), (False, "tab:orange", "female")):
@@ -134,7 +134,7 @@ def plot_by_sex(joined: pd.DataFrame, metrics: dict[str, Any], path: Path) -> Pa
 
 
 def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     values = np.array(matrix)
     fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=120)
     image = ax.imshow(values, cmap="Blues")
@@ -161,7 +161,7 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
 
 def plot_history(history: Path | list[dict[str, Any]], path: Path) -> Path:
     """Loss, MAE (or stage accuracy) and learning rate per epoch, from a run's ``history.json`` or its rows."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = pd.DataFrame(json.loads(Path(history).read_text()) if isinstance(history, (str, Path)) else history)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=120)
     axes[0].plot(rows["epoch"], rows["train_loss"], "o-", label="train")
@@ -241,101 +241,3 @@ pre{{background:#f6f6f6;padding:1em;overflow-x:auto}} img{{max-width:100%}} figu
     path = output / "report.html"
     path.write_text(page)
     return path
-
-
-def build_report(
-    labels: str | Path,
-    images: str | Path,
-    output: str | Path,
-    model_dir: str | Path | None = None,
-    split: str | Path | None = None,
-    subset: str = "val",
-    classifier_dir: str | Path | None = None,
-    ensemble: bool = False,
-    gradcam_images: int = 8,
-    tsne_images: int = 1000,
-) -> dict[str, Any]:
-    """Everything for one model on one labelled subset, in ``output``: predictions, metrics, every figure (incl.
-    Grad-CAM, t-SNE and the training history stored in the model folder), the XGBoost ensemble if asked, and
-    ``report.html`` that gathers them."""
-    from boneage.data import read_labels, read_split, stage_of
-    from boneage.evaluate import evaluate, format_report
-    from boneage.explain import gradcam_grid
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    table = read_labels(labels, images)
-    if split:
-        table = table.merge(read_split(split, table), on="id")
-        table = table[table["split"] == subset].reset_index(drop=True)
-    if table.empty:
-        raise ValueError(f"no labelled images in subset {subset!r}")
-    from boneage.predict import Predictor, predict_paths
-
-    metadata = output / "metadata.csv"
-    table[["id", "male"]].to_csv(metadata, index=False)
-    paths = table["path"].tolist()
-    predict_paths(paths, output / "predictions.csv", model_dir=model_dir, metadata=metadata, progress=False)
-    stage_csv = None
-    if classifier_dir:
-        stage_csv = output / "predictions_stage_classifier.csv"
-        predict_paths(paths, stage_csv, model_dir=classifier_dir, metadata=metadata, progress=False)
-    predictor = Predictor.load(model_dir)
-    history = predictor.description.get("training", {}).get("history") or None
-    metrics = evaluate(
-        output / "predictions.csv", labels, output, history=history, figures=False, stage_predictions=stage_csv
-    )
-    joined = pd.read_csv(output / "predictions.csv", dtype={"id": str}).merge(
-        table[["id", "boneage", "male"]].rename(columns={"male": "male_true"}), on="id"
-    )
-    joined = joined[joined["status"] == "ok"].assign(male=lambda f: f["male_true"])
-    figures = write_figures(joined, metrics, output, history)
-
-    # Grad-CAM on a spread of cases: for each stage, one female and one male, while images last
-    picks = []
-    for stage in range(len(STAGE_NAMES)):
-        for male in (False, True):
-            rows = table[(stage_of(table["boneage"].to_numpy()) == stage) & (table["male"] == male)]
-            if len(rows):
-                picks.append(rows.iloc[len(rows) // 2])
-    picks = picks[:gradcam_images]
-    if picks:
-        titles = [f"{p['id']}: reference {p['boneage']:g} m" for p in picks]
-        figures.append(
-            gradcam_grid(
-                predictor.model,
-                predictor.contract,
-                [p["path"] for p in picks],
-                [bool(p["male"]) for p in picks],
-                output / "gradcam.png",
-                titles=titles,
-            )
-        )
-    if tsne_images > 1:
-        from boneage.explain import tsne_figure
-
-        figures.append(tsne_figure(predictor.model, predictor.contract, table, output / "tsne.png", tsne_images))
-
-    notes = [f"Model: {predictor.model_dir}. Images: the {subset!r} subset of {split or labels} (n={len(table)})."]
-    selection = predictor.description.get("metrics", {}).get("selected_on")
-    if selection == subset:
-        notes.append(
-            f"Caution: the model's best epoch was selected on {subset!r}, so these are selection metrics, "
-            "not an independent test result."
-        )
-    text = format_report(metrics)
-    if ensemble:
-        if not split:
-            raise ValueError("the ensemble needs --split (train to fit XGBoost, val halves to blend and score)")
-        from boneage.ensemble import fit_ensemble
-
-        summary = fit_ensemble(labels, images, split, output / "ensemble", model_dir=model_dir)
-        metrics["ensemble"] = summary
-        text += "\nXGBoost ensemble (MAE in months on the evaluation half of val)\n"
-        text += f"  protocol: {summary['protocol']}\n"
-        text += f"  CNN weight fitted on the calibration half: {summary['cnn_weight']:.2f}\n"
-        text += "".join(f"  {k:<22} {v:.2f}\n" for k, v in summary["evaluation_mae_months"].items())
-        (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output / "report.txt").write_text(text)
-    write_html(metrics, text, figures, output, notes)
-    return metrics

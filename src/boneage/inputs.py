@@ -1,0 +1,182 @@
+"""What a prediction reads besides the pixels: the image files under the paths given, and each one's sex,
+chronological age and reader's bone age (a metadata CSV, a flag for all, or the DICOM header). Torch-free."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from boneage.clinical import parse_chronological_age
+from boneage.imageio import (
+    AGE_HEADERS,
+    ID_HEADERS,
+    MALE_HEADERS,
+    SEX_HEADERS,
+    dicom_patient_info,
+    is_dicom,
+    parse_sex,
+    parse_sex_letter,
+    pick_column,
+    read_csv_text,
+)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom"}
+READING_HEADERS = ("reader_bone_age_months", *AGE_HEADERS)  # metadata: a labels CSV's bone age is a reader's reading
+
+
+def image_id(path: str | Path) -> str:
+    """A file's id in the result rows and in a metadata CSV: the name without an image suffix (``1437.png`` -> 1437),
+    else the whole name (DICOM exports name files ``IM000001`` or by their UID, ``1.2.840.113619.2.55.3.1``)."""
+    path = Path(path)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+
+
+def _folder_image(path: Path) -> bool:
+    """A file in a folder is read when it has an image suffix, or is DICOM by content whatever its name (PACS and
+    CD exports often have none); a DICOMDIR (the index of such an export) is not an image."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        return is_dicom(path)
+    except OSError:  # unreadable: not ours to judge here; a named file would become an error row
+        return False
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files, folders (recursively: PNG, JPEG, TIFF, BMP, WebP and DICOM by suffix, and DICOM files by content
+    whatever their name) and CSV lists (a ``path`` column, relative to the CSV's folder) into a de-duplicated list, in
+    the order given (a folder's files sorted)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.suffix.lower() == ".csv" and path.is_file():
+            import pandas as pd
+
+            listed = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if "path" not in listed.columns:
+                raise ValueError(f"{path}: a list of images needs a 'path' column; found {list(listed.columns)}")
+            found += [p if p.is_absolute() else path.parent / p for p in map(Path, listed["path"]) if str(p)]
+        elif path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and _folder_image(p))
+        else:
+            found.append(path)  # a missing file becomes an error row, not a crash
+    seen: set[Path] = set()
+    return [p for p in found if not (p in seen or seen.add(p))]
+
+
+def read_metadata(metadata_csv: str | Path) -> Any:
+    """``id,male`` (and optionally ``chronological_age_months``) per image id (:func:`image_id`), as a frame by id.
+
+    The RSNA challenge's files are read as given: ``Image ID``/``Case ID`` for ``id``, and a ``Sex`` (or ``gender``)
+    column of M/F for ``male``. Sexes, ages and readings each look ids up here: the file is parsed once per version
+    (its size and modification time) and each caller gets its own copy.
+    """
+    path = Path(metadata_csv)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{metadata_csv}: file not found") from None
+    return _parse_metadata(str(metadata_csv), stat.st_mtime_ns, stat.st_size).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_metadata(metadata_csv: str, mtime_ns: int, size: int) -> Any:
+    """:func:`read_metadata`'s parse; ``mtime_ns`` and ``size`` only key the cache, so an edited file is read again."""
+    import pandas as pd
+
+    try:
+        frame = read_csv_text(metadata_csv)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{metadata_csv}: not a readable CSV ({err})") from None
+    id_col = pick_column(frame.columns, ID_HEADERS)
+    if id_col is None:
+        raise ValueError(
+            f"{metadata_csv}: expected an 'id' column (the image file name without its suffix; also read: "
+            f"{', '.join(ID_HEADERS[1:])}); found {list(frame.columns)}"
+        )
+    frame = frame.rename(columns={id_col: "id"})
+    frame["id"] = frame["id"].str.strip()
+    male_col = pick_column(frame.columns, MALE_HEADERS)
+    if male_col is not None:
+        frame = frame.rename(columns={male_col: "male"})
+    elif (sex_col := pick_column(frame.columns, SEX_HEADERS)) is not None:
+        # anything but M/F (U, O, 1/0) is no sex: that image gets --sex or its DICOM PatientSex, else an error row
+        frame["male"] = frame[sex_col].map(lambda v: {True: "true", False: "false"}.get(parse_sex_letter(v), ""))
+    if frame["id"].duplicated().any():
+        raise ValueError(f"{metadata_csv}: duplicate ids {frame['id'][frame['id'].duplicated()].tolist()[:5]}")
+    return frame.set_index("id")
+
+
+def resolve_sexes(
+    files: Sequence[Path], sex: str | None = None, metadata: str | Path | None = None
+) -> list[bool | None]:
+    """Each file's sex (True = male): the metadata CSV's ``male`` for its id, else ``sex`` (M/F), else a DICOM file's
+    PatientSex; None where none of them says (never guessed).
+
+    Raises:
+        ValueError: ``sex`` is given but is not M or F.
+    """
+    default_sex = parse_sex(sex) if sex is not None else None
+    if sex is not None and default_sex is None:
+        raise ValueError(f"--sex: expected M or F, got {sex!r}")
+    table = read_metadata(metadata) if metadata else None
+    sexes: list[bool | None] = []
+    for path in files:
+        value, key = default_sex, image_id(path)
+        if table is not None and key in table.index and "male" in table.columns:
+            value = parse_sex(table.at[key, "male"])
+        if value is None:
+            value = dicom_patient_info(path)["male"]
+        sexes.append(value)
+    return sexes
+
+
+def resolve_ages(
+    files: Sequence[Path], chronological_age: float | str | None = None, metadata: str | Path | None = None
+) -> list[float | None]:
+    """Each file's chronological age in months: the metadata CSV's ``chronological_age_months`` for its id, else
+    ``chronological_age``, else a DICOM file's PatientAge (or StudyDate - PatientBirthDate); None where none says.
+
+    Raises:
+        ValueError: an age is not a number of months in [0, 240], naming where it came from.
+    """
+    default_age = parse_chronological_age(chronological_age, "--age")
+    table = read_metadata(metadata) if metadata else None
+    column = "chronological_age_months"
+    ages: list[float | None] = []
+    for path in files:
+        value, key = None, image_id(path)
+        if table is not None and column in table.columns and key in table.index:
+            value = parse_chronological_age(table.at[key, column], f"{metadata}: id {key}, {column}")
+        if value is None:
+            value = default_age
+        if value is None:
+            dicom_age = dicom_patient_info(path)["age_months"]
+            value = parse_chronological_age(dicom_age, f"{path}: DICOM PatientAge") if dicom_age is not None else None
+        ages.append(value)
+    return ages
+
+
+def resolve_readings(
+    files: Sequence[Path], reading: float | str | None = None, metadata: str | Path | None = None
+) -> list[float | None]:
+    """Each file's bone age as a reader read it, in months, to set beside the model's: the metadata CSV's
+    ``reader_bone_age_months`` (or a labels CSV's ``boneage``) for its id, else ``reading``; None where neither says.
+
+    Raises:
+        ValueError: a reading is not a number of months in [0, 240], naming where it came from.
+    """
+    default = parse_chronological_age(reading, "--reading")
+    table = read_metadata(metadata) if metadata else None
+    column = pick_column(table.columns, READING_HEADERS) if table is not None else None
+    readings: list[float | None] = []
+    for path in files:
+        value, key = None, image_id(path)
+        if column is not None and key in table.index:
+            value = parse_chronological_age(table.at[key, column], f"{metadata}: id {key}, {column}")
+        readings.append(value if value is not None else default)
+    return readings

@@ -1,0 +1,119 @@
+"""The bone-age report as a DICOM Secondary Capture (RGB) in the radiograph's own study: the report page
+(:func:`boneage.render.render_report`) with the patient and study attributes copied and a new series, so any PACS viewer
+shows it next to the film."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boneage import __version__
+from boneage.imageio import is_dicom
+from boneage.render import findings, render_report
+from boneage.rows import reportable_rows
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+REPORT_SERIES_NUMBER = 9901
+# copied from the source image so the report files into the same patient and study
+PATIENT_STUDY_TAGS = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
+TYPE2_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID")
+TYPE2_TAGS += ("AccessionNumber", "ReferringPhysicianName")
+
+
+def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_name: str) -> Any:
+    """A DICOM Secondary Capture (RGB) of ``picture`` in ``source``'s patient and study, in a new series.
+
+    ``source``: the radiograph's pydicom Dataset. Without a StudyInstanceUID (a bare file) the report gets a new study.
+    The findings are also in ImageComments, as text a PACS can show or search.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    now = datetime.now()
+    ds = pydicom.Dataset()
+    for tag in PATIENT_STUDY_TAGS:
+        if tag in source:
+            setattr(ds, tag, source.data_element(tag).value)
+    for tag in TYPE2_TAGS:
+        if tag not in ds:
+            setattr(ds, tag, "")
+    if "StudyInstanceUID" not in ds:
+        ds.StudyInstanceUID = generate_uid()
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = REPORT_SERIES_NUMBER
+    ds.SeriesDescription = "Bone age report (boneage)"
+    ds.InstanceNumber = 1
+    ds.ConversionType = "WSD"  # workstation: made by software
+    ds.Manufacturer = "boneage"
+    ds.SoftwareVersions = f"{__version__} {model_name}"
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"  # the picture's text holds no patient identifiers
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = "Bone age estimated from the source radiograph by boneage"
+    ds.ImageComments = "; ".join(findings(row))[:10240]
+    if "SOPInstanceUID" in source and "SOPClassUID" in source:
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ds.SourceImageSequence = DicomSequence([reference])
+    rows, columns = picture.shape[:2]
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(picture, dtype=np.uint8).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def write_reports(rows: Any, folder: str | Path, model_name: str) -> list[Path]:
+    """A report (:func:`report_dataset`) for every DICOM input among prediction rows (a ``boneage predict`` frame)
+    that has a bone age or was refused as not assessable: ``<folder>/<source id>_report.dcm``. Other files and rows
+    are skipped."""
+    import pydicom
+
+    folder = Path(folder)
+    written = []
+    for row in reportable_rows(rows):
+        path = Path(str(row.get("path", "")))
+        if not path.is_file() or not is_dicom(path):
+            continue
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        report = report_dataset(source, render_report(path, row, model_name), row, model_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{row['id']}_report.dcm"
+        report.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
