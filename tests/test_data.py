@@ -237,7 +237,7 @@ def test_unreadable_images_raise_with_file_name(tmp_path, gradient):
     with pytest.raises(ImageReadError, match="blank"):
         read_image(tmp_path / "blank16.png")
     (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
-    with pytest.raises(ImageReadError, match=r"bad\.dcm: cannot decode DICOM"):
+    with pytest.raises(ImageReadError, match=r"bad\.dcm: a DICOM file without an image"):
         read_image(tmp_path / "bad.dcm")
 
 
@@ -451,4 +451,7 @@ def test_dicom_patient_info(tmp_path, tags, male, age):
     assert info["male"] is male
     assert info["age_months"] == (pytest.approx(age, abs=0.1) if age is not None else None)
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
-    assert dicom_patient_info(tmp_path / "x.png") == {"male": None, "age_months": None}
+    assert info["age_source"] == (
+        None if age is None else "PatientAge" if "PatientAge" in tags else "StudyDate - PatientBirthDate"
+    )
+    assert dicom_patient_info(tmp_path / "x.png") == {"male": None, "age_months": None, "age_source": None}

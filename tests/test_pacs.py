@@ -225,7 +225,8 @@ def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
     report = pydicom.dcmread(girl_row["report"])
     assert report.StudyInstanceUID == pydicom.dcmread(girl).StudyInstanceUID
     unknown_row = by_uid.loc[pydicom.dcmread(unknown).SOPInstanceUID]
-    assert unknown_row["status"] == "error" and "sex unknown" in unknown_row["message"]
+    assert unknown_row["status"] == "error" and "sex unknown: no PatientSex" in unknown_row["message"]
+    assert "--sex" not in unknown_row["message"]  # listen has no --sex to suggest
     assert unknown_row["report"] == "" and unknown_row["sent"] == ""
     assert len(pacs.received) == 1  # only the girl's report reached the PACS
     assert pacs.received[0].SOPInstanceUID == report.SOPInstanceUID

@@ -34,6 +34,10 @@ class ImageReadError(ValueError):
     """An image file could not be decoded into a usable radiograph."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image declares more pixels (frames x rows x columns) than the limit: refused before it is decoded."""
+
+
 class DataValidationError(ValueError):
     """The labels, split or image folder are not usable; ``problems`` lists every one found."""
 

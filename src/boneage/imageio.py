@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from boneage.errors import ImageReadError
+from boneage.errors import ImageReadError, ImageTooLargeError
 
 # Age stages exactly as the seed: Infant/Toddler [0,60), Child [60,120), Pre-adolescent [120,180), Adolescent 180+.
 STAGE_NAMES = ("Infant/Toddler", "Child", "Pre-adolescent", "Adolescent")
@@ -61,9 +61,29 @@ def read_csv_text(path: str | Path) -> Any:
         header = handle.readline()
     separator = ";" if ";" in header and "," not in header else ","
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator)
+        _check_field_counts(path, separator, "utf-8-sig")
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator, index_col=False)
     except UnicodeDecodeError:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator, encoding="cp1252")
+        _check_field_counts(path, separator, "cp1252")
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator, encoding="cp1252", index_col=False)
+
+
+def _check_field_counts(path: str | Path, separator: str, encoding: str) -> None:
+    """Refuse a row with more fields than the header: pandas would silently shift such a row's values into an index
+    (``10000,true,extra`` under ``id,male`` read as id ``true``)."""
+    import csv
+
+    import pandas as pd
+
+    with open(path, newline="", encoding=encoding) as handle:
+        rows = csv.reader(handle, delimiter=separator)
+        header = next(rows, [])
+        for line, row in enumerate(rows, start=2):
+            if len(row) > len(header):
+                raise pd.errors.ParserError(
+                    f"line {line} has {len(row)} fields but the header has {len(header)} ({separator.join(header)}); "
+                    "a value that contains the separator needs quotes"
+                )
 
 
 def pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
@@ -90,17 +110,26 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         ImageReadError: naming the file, when it is missing, not an image, truncated, too large or blank.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
-    if is_dicom(path):
+    try:
+        if not path.is_file():
+            raise ImageReadError(f"{path}: file not found")
+        dicom = is_dicom(path)
+    except OSError as err:  # e.g. no permission to read it
+        raise ImageReadError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if dicom:
         return _read_dicom(path, max_pixels)
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours, and lower
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageReadError(
+                raise ImageTooLargeError(
                     f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
                 )
             img.load()
@@ -112,10 +141,14 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
             array = np.asarray(img)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError:  # Pillow's own refusal, far above our limit: the header's size is absurd
+        raise ImageTooLargeError(
+            f"{path}: its declared size exceeds the limit of {max_pixels:,} pixels (and Pillow's own)"
+        ) from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a recognised image (expected PNG, JPEG, TIFF, BMP, WebP or DICOM)") from None
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        raise ImageReadError(f"{path}: cannot decode image ({err})") from None
+    except Exception as err:  # truncated or corrupt data: decoders raise many types; the file is named, not the type
+        raise ImageReadError(f"{path}: cannot decode image ({err or 'corrupt data'})") from None
     if array.ndim != 2:
         raise ImageReadError(f"{path}: expected a single-channel image after conversion, got shape {array.shape}")
     if array.dtype == np.uint8:
@@ -137,23 +170,39 @@ def _min_max(array: np.ndarray, path: Path) -> np.ndarray:
 def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError as err:
         raise ImportError("Reading DICOM needs pydicom: pip install pydicom") from err
     try:
         dataset = pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises many types for corrupt files; the file is named, not the type
+        raise ImageReadError(f"{path}: not a readable DICOM file ({err or 'corrupt header'})") from None
+    missing = [keyword for keyword in ("Rows", "Columns", "PixelData") if keyword not in dataset]
+    if missing:
+        raise ImageReadError(f"{path}: a DICOM file without an image (no {', '.join(missing)}); expected a radiograph")
+    try:
         rows, columns = int(dataset.Rows), int(dataset.Columns)
-        if rows * columns > max_pixels:
-            raise ImageReadError(
-                f"{path}: {columns}x{rows} = {rows * columns:,} pixels exceeds the limit of {max_pixels:,}"
-            )
-        pixels = dataset.pixel_array
-    except ImageReadError:
-        raise
-    except Exception as err:  # pydicom raises many types for corrupt files
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({type(err).__name__}: {err})") from None
-    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        samples = int(dataset.get("SamplesPerPixel") or 1)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{path}: its Rows, Columns, NumberOfFrames or SamplesPerPixel is not a number") from None
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(
+            f"{path}: {columns}x{rows} = {rows * columns:,} pixels exceeds the limit of {max_pixels:,}"
+        )
+    if frames * rows * columns * samples > max_pixels:  # checked before anything is decompressed
+        raise ImageTooLargeError(
+            f"{path}: {frames} frames of {columns}x{rows}x{samples} = {frames * rows * columns * samples:,} values: "
+            f"exceeds the limit of {max_pixels:,}; send the one radiograph as a single-frame image"
+        )
+    try:
+        # only the first frame is decoded: a hand radiograph is one image
+        pixels = pixel_array(dataset, index=0) if frames > 1 else dataset.pixel_array
+    except Exception as err:  # pydicom and its decoders raise many types for corrupt data
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({err or 'corrupt data'})") from None
+    if pixels.ndim == 3 and samples == 3:  # a colour radiograph (RGB after pydicom's YBR conversion): read as grey
+        pixels = pixels[..., :3].astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+        return _min_max(pixels, path)
     if pixels.ndim != 2:
         raise ImageReadError(f"{path}: expected a single-frame grayscale DICOM, got pixel shape {pixels.shape}")
     values = apply_modality_lut(pixels, dataset)
@@ -166,17 +215,21 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
 
 def dicom_patient_info(path: str | Path) -> dict[str, Any]:
     """Sex and chronological age from a DICOM header (pixels not read): ``{"male": bool | None, "age_months":
-    float | None}``. Age from PatientAge (``010Y``, ``006M``, ``030W``, ``100D``), else StudyDate - PatientBirthDate.
-    A file that is not DICOM gives both None."""
+    float | None, "age_source": str | None}``. Age from PatientAge (``010Y``, ``006M``, ``030W``, ``100D``), else
+    StudyDate - PatientBirthDate, as read (plausible or not: :func:`boneage.inputs.header_age` decides). A file that
+    is not DICOM, or cannot be read, gives all None (an unreadable file is reported when its pixels are read)."""
     path = Path(path)
-    if not path.is_file() or not is_dicom(path):
-        return {"male": None, "age_months": None}
-    import pydicom
-
+    nothing = {"male": None, "age_months": None, "age_source": None}
     try:
+        if not path.is_file() or not is_dicom(path):
+            return nothing
+        import pydicom
+
         header = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:  # an unreadable header is reported when the pixels are read
-        return {"male": None, "age_months": None}
+    except ImportError:
+        raise
+    except Exception:  # unreadable (permission, corrupt header)
+        return nothing
     return header_patient_info(header)
 
 
@@ -184,21 +237,21 @@ def header_patient_info(header: Any) -> dict[str, Any]:
     """:func:`dicom_patient_info` of a DICOM header already read (a pydicom Dataset)."""
     sex = str(header.get("PatientSex", "")).strip().upper()
     male = True if sex == "M" else False if sex == "F" else None
-    age_months = None
+    age_months, age_source = None, None
     age_text = str(header.get("PatientAge", "")).strip().upper()
     units = {"Y": 12.0, "M": 1.0, "W": 12.0 / 52.1775, "D": 12.0 / 365.25}
     if len(age_text) == 4 and age_text[:3].isdigit() and age_text[3] in units:
-        age_months = int(age_text[:3]) * units[age_text[3]]
+        age_months, age_source = int(age_text[:3]) * units[age_text[3]], "PatientAge"
     else:
         import datetime as dt
 
         try:
             born = dt.datetime.strptime(str(header.PatientBirthDate), "%Y%m%d")
             studied = dt.datetime.strptime(str(header.StudyDate), "%Y%m%d")
-            age_months = (studied - born).days / 365.25 * 12
+            age_months, age_source = (studied - born).days / 365.25 * 12, "StudyDate - PatientBirthDate"
         except (AttributeError, ValueError):
             pass
-    return {"male": male, "age_months": age_months}
+    return {"male": male, "age_months": age_months, "age_source": age_source}
 
 
 def resize_array(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from boneage.clinical import parse_chronological_age
+from boneage.clinical import MAX_CHRONOLOGICAL_AGE_MONTHS, parse_chronological_age
 from boneage.imageio import (
     AGE_HEADERS,
     ID_HEADERS,
@@ -135,29 +135,52 @@ def resolve_sexes(
     return sexes
 
 
+def header_age(info: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The one rule for a DICOM header's chronological age (``boneage predict``, ``serve`` and ``listen`` alike):
+    used when it lies in 0-240 months; otherwise dropped, with a note for the row saying why (the bone age is still
+    given, without BA - CA, SDS and call). ``info``: :func:`boneage.imageio.dicom_patient_info`'s result."""
+    months = info.get("age_months")
+    if months is None:
+        return None, None
+    if not 0.0 <= months <= MAX_CHRONOLOGICAL_AGE_MONTHS:
+        source = info.get("age_source") or "PatientAge"
+        return None, (
+            f"the DICOM header's age ({source}: {months:.1f} months) is outside 0-{MAX_CHRONOLOGICAL_AGE_MONTHS:g} "
+            "months and was not used; give the age to compare the bone age with"
+        )
+    return months, None
+
+
 def resolve_ages(
-    files: Sequence[Path], chronological_age: float | str | None = None, metadata: str | Path | None = None
+    files: Sequence[Path],
+    chronological_age: float | str | None = None,
+    metadata: str | Path | None = None,
+    notes: list[str | None] | None = None,
 ) -> list[float | None]:
     """Each file's chronological age in months: the metadata CSV's ``chronological_age_months`` for its id, else
-    ``chronological_age``, else a DICOM file's PatientAge (or StudyDate - PatientBirthDate); None where none says.
+    ``chronological_age``, else a DICOM file's PatientAge (or StudyDate - PatientBirthDate) when plausible
+    (:func:`header_age`); None where none says. ``notes``: a list that gets one entry per file, the note for its row
+    when its header age was dropped (else None).
 
     Raises:
-        ValueError: an age is not a number of months in [0, 240], naming where it came from.
+        ValueError: an age given in the metadata or ``chronological_age`` is not a number of months in [0, 240],
+            naming where it came from.
     """
     default_age = parse_chronological_age(chronological_age, "--age")
     table = read_metadata(metadata) if metadata else None
     column = "chronological_age_months"
     ages: list[float | None] = []
     for path in files:
-        value, key = None, image_id(path)
+        value, key, note = None, image_id(path), None
         if table is not None and column in table.columns and key in table.index:
             value = parse_chronological_age(table.at[key, column], f"{metadata}: id {key}, {column}")
         if value is None:
             value = default_age
         if value is None:
-            dicom_age = dicom_patient_info(path)["age_months"]
-            value = parse_chronological_age(dicom_age, f"{path}: DICOM PatientAge") if dicom_age is not None else None
+            value, note = header_age(dicom_patient_info(path))
         ages.append(value)
+        if notes is not None:
+            notes.append(note)
     return ages
 
 

@@ -20,12 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from boneage.clinical import parse_chronological_age
 from boneage.imageio import header_patient_info
+from boneage.inputs import header_age
 from boneage.model_folder import model_name as name_of_model
 from boneage.predict import load_predictor
 from boneage.render import render_report
-from boneage.rows import PREDICTION_COLUMNS
+from boneage.rows import PREDICTION_COLUMNS, add_note
 from boneage.secondary_capture import report_dataset
 
 logger = logging.getLogger("boneage.pacs")
@@ -182,7 +182,11 @@ class Listener:
         started = time.perf_counter()
         source = pydicom.dcmread(path, stop_before_pixels=True)  # the header, read once: sex, age, study
         header = header_patient_info(source)
-        row = next(self.predictor.predict_files([path], [header["male"]], ages=[_plausible_age(header)]))
+        age, age_note = header_age(header)  # an implausible header age is dropped with a note, as predict and serve do
+        row = next(self.predictor.predict_files([path], [header["male"]], ages=[age]))
+        if header["male"] is None and row["status"] == "error":  # the node has no --sex: say what the sender must fix
+            row["message"] = f"{path}: sex unknown: no PatientSex (M or F) in the DICOM header, where the node reads it"
+        add_note(row, age_note)
         row["sop_instance_uid"] = str(source.SOPInstanceUID)
         row["report"], row["sent"] = "", ""
         if row["status"] in ("ok", "not assessable"):
@@ -225,15 +229,6 @@ class Listener:
             if new:
                 writer.writeheader()
             writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
-
-
-def _plausible_age(header: dict[str, Any]) -> float | None:
-    """The header's chronological age when it is a plausible one, else None (the report then has no SDS)."""
-
-    try:
-        return parse_chronological_age(header["age_months"], "DICOM PatientAge")
-    except ValueError:
-        return None
 
 
 def listen(

@@ -15,7 +15,7 @@ from boneage.backends.base import PREDICT_BATCH_SIZE, Predictor, importable
 from boneage.errors import ModelLoadError
 from boneage.inputs import collect_images, image_id, resolve_ages, resolve_readings, resolve_sexes
 from boneage.model_folder import ONNX_FILE, default_model_dir
-from boneage.rows import PREDICTION_COLUMNS, add_reading, finished_rows
+from boneage.rows import PREDICTION_COLUMNS, add_note, add_reading, finished_rows
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def predict_paths(
         files = [path for path in files if str(path) not in done]
         logger.info("%s: resuming: %d rows kept, %d images to predict", output, len(rows), len(files))
     sexes = resolve_sexes(files, sex, metadata)
-    ages = resolve_ages(files, chronological_age, metadata)
+    age_notes: list[str | None] = []
+    ages = resolve_ages(files, chronological_age, metadata, notes=age_notes)
     readings = resolve_readings(files, reading, metadata)
     if gradcam_dir is not None:
         if backend == "onnx":
@@ -137,7 +138,8 @@ def predict_paths(
                 writer.writerow(row)
         handle.flush()
         predicted = predictor.predict_files(files, sexes, batch_size, num_workers, progress, ages)
-        for row, reading in zip(predicted, readings):
+        for row, reading, age_note in zip(predicted, readings, age_notes):
+            add_note(row, age_note)
             add_reading(row, reading)
             if gradcam_dir is not None and row["status"] == "ok":
                 row["gradcam_path"] = str(save_gradcam(predictor, row["path"], bool(row["male"]), gradcam_dir))

@@ -177,6 +177,12 @@ def finish_row(
         row.update(clinical)
 
 
+def add_note(row: dict[str, Any], note: str | None) -> None:
+    """Join a note (e.g. why the header's age was not used) to a predicted or refused row's message."""
+    if note and row.get("status") != "error":
+        row["message"] = "; ".join(part for part in (row.get("message"), note) if part)
+
+
 def add_reading(row: dict[str, Any], reading: float | None) -> None:
     """Set a reader's bone age beside a predicted row's (:func:`boneage.clinical.compare_reading`); its note, when the
     reading lies outside the interval, joins the row's message."""

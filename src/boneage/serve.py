@@ -30,10 +30,11 @@ from typing import Annotated, Any
 from boneage import __version__
 from boneage.clinical import REFERENCE, SDS_LIMIT, parse_chronological_age, reference_band
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
+from boneage.inputs import header_age
 from boneage.model_folder import model_name
 from boneage.predict import load_predictor, torch_available
 from boneage.render import LIGHT, render_report
-from boneage.rows import PREDICTION_COLUMNS, add_reading
+from boneage.rows import PREDICTION_COLUMNS, add_note, add_reading
 from boneage.secondary_capture import report_dataset
 
 logger = logging.getLogger("boneage.serve")
@@ -137,13 +138,10 @@ class BoneAgeService:
         header = dicom_patient_info(path) if suffix == ".dcm" else {"male": None, "age_months": None}
         sex_source = "form" if male is not None else "dicom" if header["male"] is not None else None
         male = male if male is not None else header["male"]
-        age_source = "form" if chronological is not None else None
-        if chronological is None and header["age_months"] is not None:
-            try:
-                chronological = parse_chronological_age(header["age_months"], "DICOM PatientAge")
-                age_source = "dicom"
-            except ValueError:
-                chronological = None  # an implausible header age is ignored, not used
+        age_source, age_note = "form" if chronological is not None else None, None
+        if chronological is None:  # an implausible header age is dropped with a note, as predict and listen do
+            chronological, age_note = header_age(header)
+            age_source = "dicom" if chronological is not None else None
         if male is None:
             raise InputError(422, "sex unknown: send sex=M or sex=F (the file carries no DICOM PatientSex)")
         row = next(self.predictor.predict_files([path], [male], ages=[chronological]))
@@ -151,6 +149,7 @@ class BoneAgeService:
             message = row["message"].replace(str(path), "upload")
             raise InputError(413 if "exceeds the limit" in message else 400, message)
         row.update(sex_source=sex_source, age_source=age_source)
+        add_note(row, age_note)
         add_reading(row, reader_months)
         return row
 
