@@ -296,13 +296,42 @@ def _add_serve(commands: _Commands) -> None:
         help="inference engine (auto: PyTorch when installed, for Grad-CAM; else onnxruntime)",
     )
     serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload (default: 32)")
+    serve.add_argument(
+        "--api-token",
+        default=os.environ.get("BONEAGE_API_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on the API (default: $BONEAGE_API_TOKEN; the dashboard asks for "
+        "it); needed to serve on any interface but loopback",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="NAME",
+        help="a Host header to serve (repeatable; default: loopback names on loopback, any elsewhere)",
+    )
+    serve.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (with --ssl-keyfile)")
+    serve.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
+    serve.add_argument(
+        "--max-pending", type=int, default=8, help="readings running or waiting at once; more get 503 (default: 8)"
+    )
     serve.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from boneage.serve import serve
 
-    serve(host=args.host, port=args.port, model_dir=args.model, backend=args.backend, max_upload_mb=args.max_upload_mb)
+    serve(
+        host=args.host,
+        port=args.port,
+        model_dir=args.model,
+        backend=args.backend,
+        max_upload_mb=args.max_upload_mb,
+        api_token=args.api_token,
+        allowed_hosts=args.allowed_hosts,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        max_pending=args.max_pending,
+    )
     return 0
 
 

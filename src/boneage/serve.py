@@ -17,7 +17,9 @@ request number, status, size and latency: never a file name, a DICOM tag or any 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
 import base64
 import contextlib
+import hmac
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -40,16 +42,81 @@ from boneage.secondary_capture import report_dataset
 logger = logging.getLogger("boneage.serve")
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+MAX_PENDING = 8  # readings running or waiting at once; more get 503 + Retry-After instead of piling up
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the form fields around the file
+# every status the API answers with, for the OpenAPI schema
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the file cannot be read as a radiograph (the reason in `detail`)"},
+    401: {"description": "the server needs its API token: `Authorization: Bearer TOKEN`"},
+    413: {"description": "the upload, or the image it declares, is larger than the limit"},
+    415: {"description": "not a PNG, JPEG, TIFF or DICOM file (or, for report.dcm, not DICOM)"},
+    422: {"description": "a form field is missing or wrong (sex, ages), or the sex is unknown"},
+    503: {"description": "busy: too many readings at once; retry after the `Retry-After` seconds"},
+}
 _SUFFIXES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
 
 
 class InputError(Exception):
-    """A request the server will not predict on: ``status_code`` and a message for the client."""
+    """A request the server will not predict on: ``status_code`` and a message for the client (and headers, e.g.
+    ``Retry-After`` with a 503)."""
 
-    def __init__(self, status_code: int, detail: str):
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        self.headers = headers
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class BodyLimit:
+    """ASGI middleware that stops reading a request body once it passes ``limit`` bytes, whether or not the client
+    sent a Content-Length, and answers 413: an upload streamed without one is cut off at the limit instead of being
+    spooled to disk whole. The application sees a client that went away; its own answer is dropped."""
+
+    def __init__(self, app: Any, limit: int, upload_limit: int | None = None) -> None:
+        self.app = app
+        self.limit = limit  # the body: the file and the form around it
+        self.upload_limit = upload_limit or limit  # the file, as the message states it
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received, exceeded = 0, False
+        scope.setdefault("state", {})
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = scope["state"]["body_too_large"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not exceeded:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if exceeded:
+            body = json.dumps({"detail": f"upload too large: the limit is {self.upload_limit:,} bytes"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers.append((b"cache-control", b"no-store"))
+            headers += [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+            await send({"type": "http.response.start", "status": 413, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 def _suffix_for(data: bytes) -> str:
@@ -98,10 +165,30 @@ def _display_rgb(path: Path, max_side: int = 512) -> Any:
 class BoneAgeService:
     """One loaded model behind a lock (Grad-CAM hooks the model, so requests take turns on it)."""
 
-    def __init__(self, predictor: Any, backend: str) -> None:
+    def __init__(self, predictor: Any, backend: str, max_pending: int = MAX_PENDING) -> None:
         self.predictor = predictor
         self.backend = backend
         self.lock = threading.Lock()
+        self.max_pending = max_pending
+        self.pending = 0
+        self._pending_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of ``max_pending`` places for a reading, or answer 503 with Retry-After when all are taken."""
+        with self._pending_lock:
+            if self.pending >= self.max_pending:
+                raise InputError(
+                    503,
+                    f"busy: {self.pending} readings are running or waiting; try again in a few seconds",
+                    headers={"Retry-After": "2"},
+                )
+            self.pending += 1
+        try:
+            yield
+        finally:
+            with self._pending_lock:
+                self.pending -= 1
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -234,21 +321,38 @@ def _attachment(content: bytes, media_type: str, filename: str) -> Any:
 
 
 def create_app(
-    model_dir: str | Path | None = None, backend: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES
+    model_dir: str | Path | None = None,
+    backend: str = "auto",
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    *,
+    api_token: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    max_pending: int = MAX_PENDING,
 ) -> Any:
     """The FastAPI application with the model loaded (``model_dir``: a model folder, default the shipped model; or an
-    ``.onnx`` file). ``auto`` serves on PyTorch when it is installed (Grad-CAM overlays), else on onnxruntime."""
+    ``.onnx`` file). ``auto`` serves on PyTorch when it is installed (Grad-CAM overlays), else on onnxruntime.
+
+    Args:
+        api_token: when set, every POST under ``/api/`` needs ``Authorization: Bearer <api_token>`` (compared in
+            constant time); the dashboard asks for it. The page, the health check and the API docs stay open.
+        allowed_hosts: the Host header values served (``Host: evil.example`` gets 400, which stops DNS-rebinding
+            pages from reaching a loopback server); None serves any.
+        max_pending: readings running or waiting at once; the next gets 503 with ``Retry-After``.
+    """
     try:
-        from fastapi import FastAPI, File, Form, Request, UploadFile
+        from fastapi import File, Form, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from fastapi_offline import FastAPIOffline
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
     except ImportError as err:
         raise ImportError("boneage serve needs FastAPI: pip install 'boneage[serve]'") from err
 
     if backend == "auto":
         is_onnx_file = model_dir is not None and Path(model_dir).suffix == ".onnx"
         backend = "torch" if torch_available() and not is_onnx_file else "onnx"
-    service = BoneAgeService(load_predictor(model_dir, backend), backend)
-    app = FastAPI(
+    service = BoneAgeService(load_predictor(model_dir, backend), backend, max_pending)
+    # FastAPIOffline: the interactive docs (/docs) from files in the package, not a CDN an offline network cannot reach
+    app = FastAPIOffline(
         title="boneage",
         version=__version__,
         description="Bone age from a hand radiograph, with a 90% interval, SDS and call. Decision support for "
@@ -261,10 +365,16 @@ def create_app(
     async def limit_and_log(request: Request, call_next: Any) -> Any:
         number, start = next(counter), time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
+        if length is not None and length.isdigit() and int(length) > max_upload_bytes + FORM_OVERHEAD_BYTES:
             response: Any = JSONResponse(
                 {"detail": f"upload too large: {int(length):,} bytes; the limit is {max_upload_bytes:,}"},
                 status_code=413,
+            )
+        elif api_token is not None and request.method == "POST" and not _authorised(request, api_token):
+            response = JSONResponse(
+                {"detail": "this server needs its API token: send Authorization: Bearer TOKEN"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
             )
         else:
             try:
@@ -272,12 +382,15 @@ def create_app(
             except Exception:  # never a stack trace to the client; the log keeps it (no patient data in it)
                 logger.exception("request %d failed", number)
                 response = JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
+        response.headers.update(SECURITY_HEADERS)
+        if request.url.path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"  # results carry patient data: never kept by a cache
         logger.info(
             "request %d %s %s -> %d, %s bytes, %.0f ms",
             number,
             request.method,
             request.url.path,
-            response.status_code,
+            413 if request.scope["state"].get("body_too_large") else response.status_code,  # BodyLimit's answer
             length or "?",
             1000 * (time.perf_counter() - start),
         )
@@ -285,7 +398,12 @@ def create_app(
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, err: InputError) -> JSONResponse:
-        return JSONResponse({"detail": err.detail}, status_code=err.status_code)
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+
+    # outermost first: the Host check, then the body limit (the logging middleware above sits inside both)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD_BYTES, upload_limit=max_upload_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
@@ -310,11 +428,11 @@ def create_app(
     ]
 
     @app.get("/api/v1/health")
-    def health() -> dict[str, Any]:
-        """Liveness and the loaded model."""
-        return {"status": "ok", "model": service.model_info}
+    async def health() -> dict[str, Any]:
+        """Liveness and the loaded model (answered on the event loop, never behind the readings in the threads)."""
+        return {"status": "ok", "model": service.model_info, "pending": service.pending}
 
-    @app.post("/api/v1/predict")
+    @app.post("/api/v1/predict", responses=ERROR_RESPONSES)
     def predict(
         file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
         sex: SexForm = None,
@@ -328,11 +446,12 @@ def create_app(
         reader's own bone age, the difference and whether it lies outside the interval."""
         data = read_upload(file)
         try:
-            return service.predict(data, sex, chronological_age_months, gradcam, reader_bone_age_months)
+            with service.admitted():
+                return service.predict(data, sex, chronological_age_months, gradcam, reader_bone_age_months)
         except ImageReadError as err:  # defensive: predict_files normally turns these into rows
             raise InputError(400, str(err)) from None
 
-    @app.post("/api/v1/report.dcm", response_class=Response)
+    @app.post("/api/v1/report.dcm", response_class=Response, responses=ERROR_RESPONSES)
     def dicom_report(
         file: Annotated[UploadFile, File(description="DICOM radiograph of the left hand")],
         sex: SexForm = None,
@@ -341,10 +460,12 @@ def create_app(
     ) -> Response:
         """The report as a DICOM Secondary Capture (application/dicom) in the upload's patient and study, a new
         series, to import into the PACS; an image that is not assessable gets a report saying so."""
-        content = service.dicom_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
+        data = read_upload(file)
+        with service.admitted():
+            content = service.dicom_report(data, sex, chronological_age_months, reader_bone_age_months)
         return _attachment(content, "application/dicom", "bone-age-report.dcm")
 
-    @app.post("/api/v1/report.pdf", response_class=Response)
+    @app.post("/api/v1/report.pdf", response_class=Response, responses=ERROR_RESPONSES)
     def pdf_report(
         file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
         sex: SexForm = None,
@@ -353,10 +474,18 @@ def create_app(
     ) -> Response:
         """The report page (radiograph, findings and, with an age, the chart) as a one-page PDF (application/pdf),
         to print or file; an image that is not assessable gets a page saying so."""
-        content = service.pdf_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
+        data = read_upload(file)
+        with service.admitted():
+            content = service.pdf_report(data, sex, chronological_age_months, reader_bone_age_months)
         return _attachment(content, "application/pdf", "bone-age-report.pdf")
 
     return app
+
+
+def _authorised(request: Any, token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time comparison)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def serve(
@@ -365,12 +494,36 @@ def serve(
     model_dir: str | Path | None = None,
     backend: str = "auto",
     max_upload_mb: float = MAX_UPLOAD_BYTES / 2**20,
+    *,
+    api_token: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    ssl_certfile: str | Path | None = None,
+    ssl_keyfile: str | Path | None = None,
+    max_pending: int = MAX_PENDING,
 ) -> None:
-    """Run the dashboard with uvicorn until interrupted."""
+    """Run the dashboard with uvicorn until interrupted.
+
+    On loopback (the default) only loopback Host headers are served. On any other interface the server needs an
+    ``api_token`` (``--api-token`` or ``BONEAGE_API_TOKEN``), and serves the ``allowed_hosts`` given (any Host when
+    none). ``ssl_certfile``/``ssl_keyfile`` serve HTTPS (uvicorn's TLS).
+
+    Raises:
+        ValueError: a non-loopback ``host`` without a token, or a TLS certificate without its key.
+    """
     try:
         import uvicorn
     except ImportError as err:
         raise ImportError("boneage serve needs uvicorn: pip install 'boneage[serve]'") from err
+    loopback = host in LOOPBACK_HOSTS
+    if not loopback and not api_token:
+        raise ValueError(
+            f"--host {host}: serving beyond this machine needs an API token so that no one uses the service "
+            "uninvited: pass --api-token TOKEN or set BONEAGE_API_TOKEN"
+        )
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    if allowed_hosts is None and loopback:
+        allowed_hosts = [name for name in LOOPBACK_HOSTS if not name.startswith("[")]
     # `boneage serve` logs through the CLI's handler on the `boneage` logger (a second handler would print each line
     # twice); called from Python with no logging set up, the package's lines still go to stderr
     package_logger = logging.getLogger("boneage")
@@ -380,5 +533,13 @@ def serve(
         package_logger.addHandler(handler)
         if package_logger.level == logging.NOTSET:
             package_logger.setLevel(logging.INFO)
-    app = create_app(model_dir, backend, int(max_upload_mb * 2**20))
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    app = create_app(
+        model_dir,
+        backend,
+        int(max_upload_mb * 2**20),
+        api_token=api_token,
+        allowed_hosts=allowed_hosts,
+        max_pending=max_pending,
+    )
+    tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, **tls)
