@@ -239,9 +239,9 @@ def test_a_failed_send_keeps_the_report_and_says_why(tmp_path):
     predictor = load_predictor(make_tiny_model(tmp_path / "model"), backend="torch")
     hand = _source(tmp_path / "hand.dcm", PatientSex="M")
     nobody = _free_port()  # nothing listens there
-    listener = Listener(predictor, tmp_path / "node", destination=("127.0.0.1", nobody, "PACS"))
+    listener = Listener(predictor, tmp_path / "node", destination=("127.0.0.1", nobody, "PACS"), retry_seconds=0.01)
     row = listener.process(hand)
-    assert row["status"] == "ok" and row["sent"].startswith("failed: no association")
+    assert row["status"] == "ok" and row["sent"].startswith("failed after 3 attempt(s): no association")
     assert Path(row["report"]).is_file()
     assert pd.read_csv(tmp_path / "node" / "results.csv")["sent"].iloc[0].startswith("failed")
 

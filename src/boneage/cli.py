@@ -350,6 +350,19 @@ def _add_listen(commands: _Commands) -> None:
     listen.add_argument("--send-to", help="HOST:PORT[:AE_TITLE] of the node (the PACS) that receives the reports")
     listen.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
     listen.add_argument("--backend", default="auto", choices=_BACKENDS, help="inference engine")
+    listen.add_argument(
+        "--allowed-calling-ae",
+        action="append",
+        dest="allowed_calling_aets",
+        metavar="AE_TITLE",
+        help="accept images only from this calling AE title (repeatable; default: any)",
+    )
+    listen.add_argument("--tls-cert", metavar="PEM", help="serve DICOM over TLS with this certificate (with --tls-key)")
+    listen.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    listen.add_argument("--tls-ca", metavar="PEM", help="also require client certificates signed by this CA")
+    listen.add_argument(
+        "--send-attempts", type=int, default=3, help="tries per report sent to --send-to, with back-off (default: 3)"
+    )
     listen.set_defaults(func=_run_listen)
 
 
@@ -364,6 +377,11 @@ def _run_listen(args: argparse.Namespace) -> int:
         send_to=args.send_to,
         model=args.model,
         backend=args.backend,
+        allowed_calling_aets=args.allowed_calling_aets,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        send_attempts=args.send_attempts,
     )
     return 0
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from datetime import datetime
@@ -26,7 +28,7 @@ from boneage.model_folder import model_name as name_of_model
 from boneage.predict import load_predictor
 from boneage.render import render_report
 from boneage.rows import PREDICTION_COLUMNS, add_note
-from boneage.secondary_capture import report_dataset
+from boneage.secondary_capture import SECONDARY_CAPTURE, report_dataset
 
 logger = logging.getLogger("boneage.pacs")
 
@@ -87,11 +89,20 @@ class Listener:
         output: str | Path,
         ae_title: str = "BONEAGE",
         destination: tuple[str, int, str] | None = None,
+        *,
+        allowed_calling_aets: list[str] | None = None,
+        send_attempts: int = 3,
+        retry_seconds: float = 2.0,
+        tls: Any = None,
     ):
         self.predictor = predictor
         self.output = Path(output)
         self.ae_title = ae_title
         self.destination = destination
+        self.allowed_calling_aets = list(allowed_calling_aets or [])
+        self.send_attempts = max(1, send_attempts)
+        self.retry_seconds = retry_seconds
+        self.tls = tls  # an ssl.SSLContext for the server side, or None
         self.model_name = name_of_model(predictor.model_dir)
         for name in ("received", "reports"):
             (self.output / name).mkdir(parents=True, exist_ok=True)
@@ -101,7 +112,9 @@ class Listener:
         self._worker = threading.Thread(target=self._work, name="boneage-listener", daemon=True)
         self._count = 0
         self._lock = threading.Lock()
+        self._results_lock = threading.Lock()
         self._server: Any = None
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------------------------------------- DICOM side
     def handle_store(self, event: Any) -> int:
@@ -114,7 +127,14 @@ class Listener:
                 logger.warning("rejected an instance with a malformed SOP Instance UID")
                 return 0xA900  # dataset does not match SOP class
             path = self.output / "received" / f"{uid}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            # whole or not at all: a stop mid-write leaves no half file under the instance's name, and an instance
+            # answered with success is on disk (a resend of the same UID replaces it)
+            partial = path.with_name(f".{uid}.{threading.get_ident()}.partial")
+            with open(partial, "wb") as handle:
+                ds.save_as(handle, enforce_file_format=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
         except Exception as err:  # any failure to decode or store is answered, never raised into pynetdicom
             logger.warning("could not store a received instance: %s", type(err).__name__)
             return 0xC000  # cannot understand
@@ -130,23 +150,46 @@ class Listener:
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
+        if self.allowed_calling_aets:  # an association from any other calling AE title is rejected
+            ae.require_calling_aet = self.allowed_calling_aets
         for context in AllStoragePresentationContexts:  # uncompressed, and the compressed syntaxes we can decode
             ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, *COMPRESSED_SYNTAXES])
         ae.add_supported_context(Verification)  # C-ECHO, the PACS's "test connection"
         handlers = [(evt.EVT_C_STORE, self.handle_store)]
         try:
-            self._server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+            self._server = ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=self.tls)
         except OSError as err:
             raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
         self._worker.start()
-        logger.info("listening as %s on %s:%d", self.ae_title, host, port)
+        recovered = self.recover()
+        logger.info(
+            "listening as %s on %s:%d%s%s",
+            self.ae_title,
+            host,
+            port,
+            " (TLS)" if self.tls is not None else "",
+            f"; {recovered} instance(s) received before a stop queued again" if recovered else "",
+        )
         if block:
+            previous = signal.signal(signal.SIGTERM, lambda *_: self._stopping.set())  # how systemd and Docker stop
             try:
-                threading.Event().wait()  # until interrupted (Ctrl-C)
+                while not self._stopping.wait(0.5):  # until SIGTERM or Ctrl-C
+                    pass
             except KeyboardInterrupt:
-                logger.info("stopping")
+                pass
             finally:
+                logger.info("stopping: finishing %d queued instance(s)", self._queue.qsize())
                 self.stop()
+                signal.signal(signal.SIGTERM, previous)
+
+    def recover(self) -> int:
+        """Queue every instance in ``received/`` that has no row in ``results.csv`` (stored, answered with success,
+        then the node stopped before reading it: killed, or the machine went down). Returns how many."""
+        done = self._rows_by_uid().keys()
+        pending = [path for path in sorted((self.output / "received").glob("*.dcm")) if path.stem not in done]
+        for path in pending:
+            self._queue.put(path)
+        return len(pending)
 
     def wait(self) -> None:
         """Block until every instance received so far has been read and reported."""
@@ -171,16 +214,23 @@ class Listener:
                 self.process(path)
             except Exception as err:  # one bad instance must not stop the node; its row says what happened
                 logger.error("instance failed: %s", type(err).__name__)
-                self._append({"id": path.stem, "path": str(path), "status": "error", "message": f"{path}: {err}"})
+                row = {"id": path.stem, "path": str(path), "sop_instance_uid": path.stem, "status": "error"}
+                self._record({**row, "message": f"{path}: {err}"})
             finally:
                 self._queue.task_done()
 
-    def process(self, path: Path) -> dict[str, Any]:
-        """Read one stored instance, write its report, send it on, append its row to ``results.csv``."""
+    def process(self, path: Path) -> dict[str, Any] | None:
+        """Read one stored instance, write its report, send it on, and record its row in ``results.csv`` (replacing
+        the row of an earlier copy of the same instance). The node's own reports, when a PACS forwards a study back,
+        are recognised and left alone: returns None for them."""
         import pydicom
 
         started = time.perf_counter()
         source = pydicom.dcmread(path, stop_before_pixels=True)  # the header, read once: sex, age, study
+        if _is_own_report(source):
+            path.unlink(missing_ok=True)
+            logger.info("instance skipped: a boneage report")
+            return None
         header = header_patient_info(source)
         age, age_note = header_age(header)  # an implausible header age is dropped with a note, as predict and serve do
         row = next(self.predictor.predict_files([path], [header["male"]], ages=[age]))
@@ -196,12 +246,8 @@ class Listener:
             report.save_as(target, enforce_file_format=True)
             row["report"] = str(target)
             if self.destination is not None:
-                try:
-                    send_dataset(report, self.destination, self.ae_title)
-                    row["sent"] = "{2}@{0}:{1}".format(*self.destination)
-                except (ConnectionError, OSError, RuntimeError) as err:
-                    row["sent"] = f"failed: {err}"
-        self._append(row)
+                row["sent"] = self._send(report)
+        self._record(row)
         logger.info(
             "instance read: %s in %.2f s%s",
             row["status"],
@@ -222,13 +268,52 @@ class Listener:
             self.results.rename(kept)
             logger.warning("%s has other columns (an earlier version's): kept as %s", self.results, kept.name)
 
-    def _append(self, row: dict[str, Any]) -> None:
-        new = not self.results.is_file()
-        with self.results.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
+    def _send(self, report: Any) -> str:
+        """C-STORE the report, retried with back-off; the row's ``sent``: where it went, or why it did not."""
+        for attempt in range(1, self.send_attempts + 1):
+            try:
+                send_dataset(report, self.destination, self.ae_title)  # type: ignore[arg-type]
+                return "{2}@{0}:{1}".format(*self.destination)  # type: ignore[str-format]
+            except (ConnectionError, OSError, RuntimeError) as err:
+                if attempt == self.send_attempts:
+                    return f"failed after {attempt} attempt(s): {err}"
+                logger.warning("report send failed (attempt %d of %d); retrying", attempt, self.send_attempts)
+                time.sleep(self.retry_seconds * 2 ** (attempt - 1))
+        return "failed"
+
+    def _rows_by_uid(self) -> dict[str, dict[str, str]]:
+        if not self.results.is_file():
+            return {}
+        with self.results.open(newline="") as handle:
+            return {row["sop_instance_uid"] or row["path"]: row for row in csv.DictReader(handle)}
+
+    def _record(self, row: dict[str, Any]) -> None:
+        """Append the row, or replace the row of the same SOP Instance UID (a resend): one row per instance."""
+        key = row.get("sop_instance_uid") or row.get("path")
+        with self._results_lock:
+            rows = self._rows_by_uid()
+            if key in rows:
+                rows[key] = {k: row.get(k) for k in RESULT_COLUMNS}
+                partial = self.results.with_name(self.results.name + ".partial")
+                with partial.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(rows.values())
+                os.replace(partial, self.results)
+                return
+            new = not self.results.is_file()
+            with self.results.open("a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def _is_own_report(header: Any) -> bool:
+    """Whether an instance is a report this package wrote (a PACS may forward the whole study back)."""
+    return str(header.get("Manufacturer", "")) == "boneage" and str(header.get("SOPClassUID", "")) == SECONDARY_CAPTURE
 
 
 def listen(
@@ -239,11 +324,60 @@ def listen(
     send_to: str | None = None,
     model: str | Path | None = None,
     backend: str = "auto",
+    *,
+    allowed_calling_aets: list[str] | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_ca: str | Path | None = None,
+    send_attempts: int = 3,
 ) -> None:
-    """``boneage listen``: load the model and serve until interrupted."""
+    """``boneage listen``: load the model and serve until interrupted (Ctrl-C) or stopped (SIGTERM); what was
+    received and not yet read is read first, and what a hard stop left unread is read at the next start.
 
+    Args:
+        allowed_calling_aets: accept associations only from these calling AE titles (default: any).
+        tls_cert, tls_key: serve DICOM over TLS with this certificate and key; ``tls_ca``: also require client
+            certificates signed by this CA.
+        send_attempts: tries per report send, with back-off between them.
+    """
     destination = parse_destination(send_to) if send_to else None
     if not 0 < len(ae_title) <= 16:
         raise ValueError(f"--ae-title: 1 to 16 characters, got {ae_title!r}")
-    listener = Listener(load_predictor(model, backend), output, ae_title, destination)
+    for title in allowed_calling_aets or []:
+        if not 0 < len(title) <= 16:
+            raise ValueError(f"--allowed-calling-ae: 1 to 16 characters, got {title!r}")
+    tls = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(str(tls_cert), str(tls_key))
+        if tls_ca:
+            tls.load_verify_locations(str(tls_ca))
+            tls.verify_mode = ssl.CERT_REQUIRED
+    quiet_pydicom()
+    listener = Listener(
+        load_predictor(model, backend),
+        output,
+        ae_title,
+        destination,
+        allowed_calling_aets=allowed_calling_aets,
+        send_attempts=send_attempts,
+        tls=tls,
+    )
     listener.start(host, port, block=True)
+
+
+def quiet_pydicom() -> None:
+    """Keep pydicom's messages about malformed header values out of the node's log: they quote the values (a birth
+    date, a name). The node reads what it can and says in the row what it could not."""
+    import warnings
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

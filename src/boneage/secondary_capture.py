@@ -41,7 +41,8 @@ TYPE2_TAGS += ("AccessionNumber", "ReferringPhysicianName")
 
 
 def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_name: str) -> Any:
-    """A DICOM Secondary Capture (RGB) of ``picture`` in ``source``'s patient and study, in a new series.
+    """A DICOM Secondary Capture (RGB) of ``picture`` in ``source``'s patient and study, in a new series; its UIDs
+    follow from the source instance's (and the model's), so the same film gives the same report instance.
 
     ``source``: the radiograph's pydicom Dataset. Without a StudyInstanceUID (a bare file) the report gets a new study.
     The findings are also in ImageComments, as text a PACS can show or search.
@@ -62,9 +63,12 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     if "StudyInstanceUID" not in ds:
         ds.StudyInstanceUID = generate_uid()
     ds.SOPClassUID = SECONDARY_CAPTURE
-    ds.SOPInstanceUID = generate_uid()
+    # derived from the source instance and the model: the report of a film sent twice is the same instance, which a
+    # PACS replaces instead of filing twice
+    source_uid = str(source.get("SOPInstanceUID", "")) or None
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[source_uid, "boneage report", model_name] if source_uid else None)
     ds.Modality = "OT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[source_uid, "boneage report series"] if source_uid else None)
     ds.SeriesNumber = REPORT_SERIES_NUMBER
     ds.SeriesDescription = "Bone age report (boneage)"
     ds.InstanceNumber = 1
