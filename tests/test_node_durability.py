@@ -191,6 +191,7 @@ def _rows(output: Path) -> pd.DataFrame:
     return pd.read_csv(results, dtype=str) if results.is_file() else pd.DataFrame({"sop_instance_uid": []})
 
 
+@pytest.mark.slow  # two `boneage listen` starts per stop signal
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
 def test_no_instance_answered_with_success_is_lost_when_the_node_is_stopped(tiny_model, tmp_path, stop):
     sent = films(tmp_path / "in", 20, size=256)
