@@ -2,10 +2,12 @@
 
 Usage (from the repository root):
     python bench/bench_serve.py [--clients 8] [--requests 200] [--image FILE] [--backend torch|onnx --model M]
+                                [--max-pending 8]
 
 Starts the server in a subprocess (shipped model unless --model), sends a real radiograph (the first full-resolution
 sample in ../shared/data when present, else a synthetic one), and prints status counts, throughput and p50/p95/p99
-latency as JSON. Every request must come back 200; any 5xx is reported.
+latency as JSON, and how long GET /api/v1/health took meanwhile (polled every 0.2 s). Readings beyond the server's
+--max-pending get 503 with Retry-After (counted, not retried); any other status, and any 5xx but 503, is a failure.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--image")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     parser.add_argument("--model")
+    parser.add_argument("--max-pending", type=int, default=8, help="the server's --max-pending (0: not passed)")
     args = parser.parse_args()
 
     import httpx
@@ -61,6 +65,7 @@ def main() -> None:
     port = _free_port()
     command = [sys.executable, "-m", "boneage", "serve", "--port", str(port), "--backend", args.backend]
     command += ["--model", args.model] if args.model else []
+    command += ["--max-pending", str(args.max_pending)] if args.max_pending else []  # 0: a server without the option
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -89,9 +94,25 @@ def main() -> None:
                     results.append((status, time.perf_counter() - start))
             return results
 
+        health: list[float] = []
+        done = threading.Event()
+
+        def probe() -> None:  # the liveness check a load balancer or monitor sends, during the load
+            with httpx.Client(base_url=url, timeout=60) as session:
+                while not done.wait(0.2):
+                    start = time.perf_counter()
+                    session.get("/api/v1/health")
+                    health.append(time.perf_counter() - start)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
         start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            results = [r for batch in pool.map(client, range(args.clients)) for r in batch]
+        try:
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = [r for batch in pool.map(client, range(args.clients)) for r in batch]
+        finally:
+            done.set()
+            prober.join()
         wall = time.perf_counter() - start
     finally:
         server.terminate()
@@ -105,7 +126,11 @@ def main() -> None:
         "clients": args.clients,
         "requests": len(results),
         "status_counts": {str(k): v for k, v in sorted(statuses.items())},
-        "server_errors_5xx": sum(v for k, v in statuses.items() if k >= 500),
+        "server_errors_5xx_other_than_503": sum(v for k, v in statuses.items() if k >= 500 and k != 503),
+        "max_pending": args.max_pending,
+        "health_checks": len(health),
+        "health_ms_p50": round(1000 * statistics.median(health), 1) if health else None,
+        "health_ms_max": round(1000 * max(health), 1) if health else None,
         "throughput_per_s": round(len(results) / wall, 2),
         "latency_ms_p50": round(statistics.median(latencies), 1),
         "latency_ms_p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),

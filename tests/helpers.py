@@ -124,3 +124,12 @@ def compress_dicom(source: Path, target: Path, syntax: str) -> Path:
     writer.SetImage(change.GetOutput())
     assert writer.Write(), target
     return target
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a service a test starts."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import synthetic_radiograph, write_dicom
+from tests.helpers import free_port, synthetic_radiograph, write_dicom
 
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
@@ -43,12 +42,6 @@ def films(folder: Path, n: int, size: int = 96) -> list[Path]:
         )
         for k in range(n)
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def send(port: int, paths: list[Path], calling: str = "MODALITY") -> list[int]:

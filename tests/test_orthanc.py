@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import synthetic_radiograph, write_dicom
+from tests.helpers import free_port, synthetic_radiograph, write_dicom
 
 ORTHANC = shutil.which("Orthanc")
 pytestmark = [
@@ -25,8 +25,6 @@ pytestmark = [
 httpx = pytest.importorskip("httpx")
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pynetdicom")
-
-from tests.test_node_durability import free_port  # noqa: E402
 
 
 def wait_for(condition, seconds: float, what: str) -> None:
