@@ -248,3 +248,31 @@ def test_a_refused_upload_is_shown_as_uploaded(shipped_server, browser, tmp_path
     assert browser.find_element(By.ID, "images").is_displayed()
     assert not browser.find_element(By.ID, "overlay").is_displayed()
     _wait_for(browser, lambda d: d.execute_script("return document.getElementById('radiograph').naturalWidth") == 240)
+
+
+def test_a_server_with_a_token_is_asked_for_it_once_per_tab(browser, tmp_path, tiny_model):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from boneage.serve import create_app
+
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100, size=96)).save(image)
+    for url in _serve(create_app(tiny_model, api_token="ward-7")):
+        browser.get(url + "/")
+        browser.execute_script("sessionStorage.clear()")
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        Select(browser.find_element(By.ID, "sex")).select_by_value("M")
+        browser.find_element(By.ID, "submit").click()
+        prompt = _wait_for(browser, lambda d: d.switch_to.alert)  # the server answered 401: the page asks
+        assert "API token" in prompt.text
+        prompt.send_keys("ward-7")
+        prompt.accept()
+        _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text)
+        assert (
+            browser.find_element(By.ID, "error").text == "" and "months" in browser.find_element(By.ID, "bone-age").text
+        )
+        browser.find_element(By.ID, "submit").click()  # the token is kept for the tab: no second question
+        time.sleep(1.0)
+        _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text)
+        assert browser.execute_script("return sessionStorage.getItem('boneage-token')") == "ward-7"
