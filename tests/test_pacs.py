@@ -272,7 +272,7 @@ def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, c
     from PIL import Image
 
     from boneage.cli import main
-    from boneage.render import write_pdf_reports
+    from boneage.report_pdf import write_pdf_reports
 
     model = make_tiny_model(tmp_path / "model")
     (tmp_path / "in").mkdir()
@@ -289,7 +289,7 @@ def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, c
     assert all(p.read_bytes().startswith(b"%PDF") and p.stat().st_size > 5000 for p in pages)
     table = pd.read_csv(tmp_path / "p.csv", dtype={"id": str})
     (tmp_path / "in" / "plain.png").unlink()  # gone before its report: that one is listed, the others written
-    written, problems = write_pdf_reports(table, tmp_path / "again", "m")
+    written, problems = write_pdf_reports(table, tmp_path / "again", {"name": "m"})
     assert [p.name for p in written] == ["hand_report.pdf"]
     assert len(problems) == 1 and "plain_report.pdf: not written" in problems[0]
 

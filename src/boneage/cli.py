@@ -224,8 +224,16 @@ def _add_predict(commands: _Commands) -> None:
     predict.add_argument(
         "--pdf-report",
         metavar="DIR",
-        help="for each image read or refused, its report page (radiograph, findings, chart) as DIR/<id>_report.pdf",
+        help="for each image read or refused, its report page to file (identification from the DICOM header or "
+        "--metadata's patient_name, patient_id, birth_date, accession_number, study_date; findings, chart, "
+        "radiograph, model, method) as DIR/<id>_report.pdf",
     )
+    predict.add_argument(
+        "--fhir",
+        metavar="DIR",
+        help="for each image with a bone age, a FHIR R4 Observation (LOINC 85151-9, months) as DIR/<id>.fhir.json",
+    )
+    predict.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF report's paper size")
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_run_predict)
@@ -261,12 +269,28 @@ def _run_predict(args: argparse.Namespace) -> int:
         written = write_reports(rows=table, folder=args.dicom_report, model_name=name)
         print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
     if args.pdf_report:
-        from boneage.render import write_pdf_reports
+        from boneage.inputs import patients_from_metadata
+        from boneage.model_folder import default_model_dir, model_identity
+        from boneage.report_pdf import write_pdf_reports
 
-        pages, problems = write_pdf_reports(rows=table, folder=args.pdf_report, model_name=name)
+        pages, problems = write_pdf_reports(
+            rows=table,
+            folder=args.pdf_report,
+            model=model_identity(args.model or default_model_dir()),
+            paper=args.paper,
+            patients=patients_from_metadata(args.metadata),
+        )
         print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
+    if args.fhir:
+        from boneage.fhir_observation import write_observations
+        from boneage.inputs import patients_from_metadata
+        from boneage.model_folder import default_model_dir, model_identity
+
+        model = model_identity(args.model or default_model_dir())
+        written = write_observations(table, args.fhir, model, patients_from_metadata(args.metadata))
+        print(f"wrote {len(written)} FHIR Observation(s) to {args.fhir}")
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
         for record in table.to_dict("records"):

@@ -5,7 +5,8 @@ and chronological age (and, optionally, their own reading), and sees the radiogr
 the bone age, its interval, BA - CA, the SDS and the call, and the child on a chart of bone age against age with the
 normal range (age -/+ 2 SD) shaded. ``POST /api/v1/predict`` does the same for other systems; ``POST
 /api/v1/report.dcm`` returns the report of a DICOM upload as a DICOM Secondary Capture in its study
-(:mod:`boneage.secondary_capture`) and ``POST /api/v1/report.pdf`` any upload's report page as a PDF;
+(:mod:`boneage.secondary_capture`) and ``POST /api/v1/report.pdf`` any upload's report page to file as a PDF
+(:mod:`boneage.report_pdf`);
 ``GET /api/v1/health`` says whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
 
 Every prediction goes through :meth:`boneage.backends.base.Predictor.predict_files`, the code path of
@@ -32,7 +33,7 @@ from boneage.clinical import REFERENCE, SDS_LIMIT, parse_chronological_age, refe
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
 from boneage.model_folder import model_name
 from boneage.predict import load_predictor, torch_available
-from boneage.render import LIGHT, render_report
+from boneage.render import render_report
 from boneage.rows import PREDICTION_COLUMNS, add_reading
 from boneage.secondary_capture import report_dataset
 
@@ -193,6 +194,27 @@ class BoneAgeService:
                 report["gradcam_png"] = _png_base64(images[1])
         return report
 
+    def fhir_observation(
+        self,
+        data: bytes,
+        sex: str | None,
+        age: str | None,
+        reading: str | None = None,
+        patient: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One upload -> its bone age as a FHIR R4 Observation (:func:`boneage.fhir_observation.observation`), the
+        resource ``boneage predict --fhir`` writes. Raises InputError for anything the client must fix."""
+        from boneage.fhir_observation import observation
+
+        suffix = _suffix_for(data)
+        with _stored(data, suffix) as path:
+            with self.lock:
+                row = self._read(path, suffix, sex, age, reading)
+            if row["status"] == "not assessable":
+                raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
+            model = {k: self.model_info[k] for k in ("name", "boneage_version", "weights_sha256")}
+            return observation(row, model, patient)
+
     def dicom_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
         """One DICOM upload -> its report as a DICOM Secondary Capture in the same study
         (:mod:`boneage.secondary_capture`)."""
@@ -211,19 +233,28 @@ class BoneAgeService:
         report.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
 
-    def pdf_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
-        """One upload, any format -> its report page (radiograph, findings, chart) as a one-page PDF on paper
-        colours, the page ``boneage predict --pdf-report`` writes."""
-        from PIL import Image
+    def pdf_report(
+        self,
+        data: bytes,
+        sex: str | None,
+        age: str | None,
+        reading: str | None = None,
+        paper: str = "a4",
+        patient: dict[str, Any] | None = None,
+    ) -> bytes:
+        """One upload, any format -> its report page to file (:func:`boneage.report_pdf.build_pdf`), the page
+        ``boneage predict --pdf-report`` writes; ``patient``: identification fields that win over the DICOM
+        header (``image``: the upload's file name when it is not DICOM)."""
+        from boneage.report_pdf import PAPERS, build_pdf
 
+        if paper not in PAPERS:
+            raise InputError(422, f"paper: expected one of {', '.join(PAPERS)}, got {paper!r}")
         suffix = _suffix_for(data)
         with _stored(data, suffix) as path:
             with self.lock:
                 row = self._read(path, suffix, sex, age, reading)
-            page = Image.fromarray(render_report(path, row, model_name(self.predictor.model_dir), palette=LIGHT))
-        buffer = io.BytesIO()
-        page.save(buffer, "PDF", resolution=100.0, title="Bone age report")
-        return buffer.getvalue()
+            model = {k: self.model_info[k] for k in ("name", "boneage_version", "weights_sha256")}
+            return build_pdf(path, row, model, patient, paper)
 
 
 def _attachment(content: bytes, media_type: str, filename: str) -> Any:
@@ -240,7 +271,7 @@ def create_app(
     """The FastAPI application with the model loaded (``model_dir``: a model folder, default the shipped model; or an
     ``.onnx`` file). ``auto`` serves on PyTorch when it is installed (Grad-CAM overlays), else on onnxruntime."""
     try:
-        from fastapi import FastAPI, File, Form, Request, UploadFile
+        from fastapi import FastAPI, File, Form, Query, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError as err:
         raise ImportError("boneage serve needs FastAPI: pip install 'boneage[serve]'") from err
@@ -315,6 +346,10 @@ def create_app(
         """Liveness and the loaded model."""
         return {"status": "ok", "model": service.model_info}
 
+    PatientForm = Annotated[  # noqa: N806
+        str | None, Form(description="for the report's identification (PDF, FHIR); wins over the DICOM header")
+    ]
+
     @app.post("/api/v1/predict")
     def predict(
         file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
@@ -324,10 +359,24 @@ def create_app(
             bool, Form(description="also return the radiograph and its Grad-CAM overlay as PNG base64")
         ] = False,
         reader_bone_age_months: ReadingForm = None,
-    ) -> dict[str, Any]:
+        format: Annotated[
+            str, Query(description="json (the report) or fhir (a FHIR R4 Observation, application/fhir+json)")
+        ] = "json",
+        patient_id: PatientForm = None,
+        patient_name: PatientForm = None,
+        study_date: PatientForm = None,
+    ) -> Any:
         """Bone age (months), 90% interval, stage; with a chronological age also BA - CA, SDS and the call; with the
-        reader's own bone age, the difference and whether it lies outside the interval."""
+        reader's own bone age, the difference and whether it lies outside the interval. With ``?format=fhir`` the
+        same reading as a FHIR R4 Observation (LOINC 85151-9 in months, the interval, age, BA - CA and SDS as
+        components, the call as its interpretation, the model as a contained Device)."""
+        if format not in ("json", "fhir"):
+            raise InputError(422, f"format: expected json or fhir, got {format!r}")
         data = read_upload(file)
+        if format == "fhir":
+            patient = dict(patient_id=patient_id, patient_name=patient_name, study_date=study_date)
+            resource = service.fhir_observation(data, sex, chronological_age_months, reader_bone_age_months, patient)
+            return JSONResponse(resource, media_type="application/fhir+json")
         try:
             return service.predict(data, sex, chronological_age_months, gradcam, reader_bone_age_months)
         except ImageReadError as err:  # defensive: predict_files normally turns these into rows
@@ -351,10 +400,30 @@ def create_app(
         sex: SexForm = None,
         chronological_age_months: AgeForm = None,
         reader_bone_age_months: ReadingForm = None,
+        paper: Annotated[str, Form(description="a4 or letter")] = "a4",
+        patient_name: PatientForm = None,
+        patient_id: PatientForm = None,
+        birth_date: PatientForm = None,
+        accession_number: PatientForm = None,
+        study_date: PatientForm = None,
     ) -> Response:
-        """The report page (radiograph, findings and, with an age, the chart) as a one-page PDF (application/pdf),
-        to print or file; an image that is not assessable gets a page saying so."""
-        content = service.pdf_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
+        """The report page to file as a one-page PDF (application/pdf): identification (from the DICOM header, or
+        these form fields, which win; unknown fields say "not given"), analysis date and time, model and method,
+        findings, the chart of bone age against age, the radiograph, limits and a line for the reviewer; an image
+        that is not assessable gets a page saying so. The text is real text (selectable, searchable)."""
+        patient = dict(
+            patient_name=patient_name,
+            patient_id=patient_id,
+            birth_date=birth_date,
+            accession_number=accession_number,
+            study_date=study_date,
+        )
+        if file.filename:  # a PNG's name is the image's only identifier (a DICOM upload has its SOPInstanceUID)
+            patient["image"] = Path(file.filename).name
+        data = read_upload(file)
+        if _suffix_for(data) == ".dcm":
+            patient.pop("image", None)
+        content = service.pdf_report(data, sex, chronological_age_months, reader_bone_age_months, paper, patient)
         return _attachment(content, "application/pdf", "bone-age-report.pdf")
 
     return app
