@@ -226,10 +226,13 @@ def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
     assert report.StudyInstanceUID == pydicom.dcmread(girl).StudyInstanceUID
     unknown_row = by_uid.loc[pydicom.dcmread(unknown).SOPInstanceUID]
     assert unknown_row["status"] == "error" and "sex unknown" in unknown_row["message"]
-    assert unknown_row["report"] == "" and unknown_row["sent"] == ""
-    assert len(pacs.received) == 1  # only the girl's report reached the PACS
-    assert pacs.received[0].SOPInstanceUID == report.SOPInstanceUID
-    assert pacs.received[0].StudyInstanceUID == report.StudyInstanceUID
+    assert unknown_row["report"] == "" and unknown_row["sent"] == "" and unknown_row["structured_report"] == ""
+    # the structured report (the measurements) beside the Secondary Capture, in the same study
+    structured = pydicom.dcmread(girl_row["structured_report"])
+    assert structured.Modality == "SR" and structured.StudyInstanceUID == report.StudyInstanceUID
+    assert len(pacs.received) == 2  # only the girl's reports reached the PACS: the picture and the measurements
+    assert [r.SOPInstanceUID for r in pacs.received] == [report.SOPInstanceUID, structured.SOPInstanceUID]
+    assert {r.StudyInstanceUID for r in pacs.received} == {report.StudyInstanceUID}
 
 
 def test_a_failed_send_keeps_the_report_and_says_why(tmp_path):

@@ -95,6 +95,16 @@ def pydicom_sop(path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
+def test_names_beyond_latin_1_print_as_written(tmp_path):
+    pytest.importorskip("matplotlib")  # its DejaVu Sans; the built-in Helvetica has Latin-1 only
+    path = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(120, size=80)).save(path)
+    text = _text(
+        build_pdf(path, {**ROW, "path": str(path)}, MODEL, {"patient_name": "Żółć^Łukasz", "patient_id": "Ж-1"})
+    )
+    assert "Żółć, Łukasz" in text and "Ж-1" in text
+
+
 def test_a_refused_image_gets_a_page_without_a_chart(tmp_path):
     path = tmp_path / "flat.png"
     Image.fromarray(synthetic_radiograph(120, size=80)).save(path)

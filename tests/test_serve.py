@@ -180,6 +180,24 @@ def test_predict_as_a_fhir_observation(client):
     assert bad.status_code == 422 and "format" in bad.json()["detail"]
 
 
+def test_a_structured_report_of_a_dicom_upload(client, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    pixels = synthetic_radiograph(90).astype("uint16") * 16
+    bare = write_dicom(tmp_path / "bare.dcm", pixels, PatientSex="F", PatientAge="008Y")
+    refused = client.post("/api/v1/report.sr.dcm", files={"file": ("d.dcm", bare.read_bytes(), "application/dicom")})
+    assert refused.status_code == 422 and "no StudyInstanceUID, SeriesInstanceUID" in refused.json()["detail"]
+    uids = {"StudyInstanceUID": "1.2.3.4", "SeriesInstanceUID": "1.2.3.4.5"}
+    path = write_dicom(tmp_path / "d.dcm", pixels, PatientSex="F", PatientAge="008Y", **uids)
+    response = client.post("/api/v1/report.sr.dcm", files={"file": ("d.dcm", path.read_bytes(), "application/dicom")})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    report = pydicom.dcmread(io.BytesIO(response.content))
+    assert report.Modality == "SR" and report.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert report.StudyInstanceUID == "1.2.3.4"
+    png = client.post("/api/v1/report.sr.dcm", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F"})
+    assert png.status_code == 415 and "DICOM upload" in png.json()["detail"]
+
+
 def test_dicom_report_files_into_the_upload_study(client, tmp_path):
     import pydicom
     from pydicom.uid import generate_uid

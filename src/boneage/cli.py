@@ -229,6 +229,12 @@ def _add_predict(commands: _Commands) -> None:
         "radiograph, model, method) as DIR/<id>_report.pdf",
     )
     predict.add_argument(
+        "--sr-report",
+        metavar="DIR",
+        help="for each DICOM input with a bone age, a DICOM Structured Report (TID 1500 measurements: bone age, "
+        "interval, age, BA-CA, SDS, call) in its study as DIR/<id>_sr.dcm",
+    )
+    predict.add_argument(
         "--fhir",
         metavar="DIR",
         help="for each image with a bone age, a FHIR R4 Observation (LOINC 85151-9, months) as DIR/<id>.fhir.json",
@@ -283,6 +289,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
+    if args.sr_report:
+        from boneage.model_folder import default_model_dir, model_identity
+        from boneage.structured_report import write_sr_reports
+
+        written = write_sr_reports(table, args.sr_report, model_identity(args.model or default_model_dir()))
+        print(f"wrote {len(written)} DICOM structured report(s) to {args.sr_report}")
     if args.fhir:
         from boneage.fhir_observation import write_observations
         from boneage.inputs import patients_from_metadata
@@ -336,7 +348,8 @@ def _add_listen(commands: _Commands) -> None:
         help="DICOM node for a PACS: reads every radiograph sent to it, returns a report to the study",
         description="A DICOM storage node (C-STORE and C-ECHO). Each received image is stored in OUTPUT/received, "
         "read (sex and age from its header), its row appended to OUTPUT/results.csv and a report (a Secondary "
-        "Capture in the same study, a new series) written to OUTPUT/reports and, with --send-to, sent there.",
+        "Capture in the same study, a new series, and a Structured Report of the measurements beside it) written to "
+        "OUTPUT/reports and, with --send-to, sent there.",
     )
     listen.add_argument("--output", required=True, help="folder for received images, reports and results.csv")
     listen.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")

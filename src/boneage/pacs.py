@@ -1,6 +1,8 @@
 """PACS integration: the bone-age report as a DICOM object in the radiograph's own study, and a DICOM node for it.
 
-The report is a DICOM Secondary Capture in the source image's study (:mod:`boneage.secondary_capture`). ``Listener``
+The report is a DICOM Secondary Capture in the source image's study (:mod:`boneage.secondary_capture`) and, for an
+image with a bone age, a Structured Report of the measurements beside it (:mod:`boneage.structured_report`, when
+highdicom is installed). ``Listener``
 (``boneage listen``) is a DICOM storage node (C-STORE SCP, pynetdicom): every image sent to it is stored, read by
 :meth:`predict_files` (the code path of ``boneage predict``; sex and age from the DICOM header), its row appended to
 ``results.csv`` and its report written beside it and, with a destination, sent on by C-STORE.
@@ -12,6 +14,7 @@ instance counter, status and timings, never a patient detail."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import queue
 import threading
@@ -27,6 +30,7 @@ from boneage.predict import load_predictor
 from boneage.render import render_report
 from boneage.rows import PREDICTION_COLUMNS
 from boneage.secondary_capture import report_dataset
+from boneage.structured_report import sr_dataset
 
 logger = logging.getLogger("boneage.pacs")
 
@@ -38,7 +42,7 @@ COMPRESSED_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",
     "1.2.840.10008.1.2.5",
 )
-RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent"]
+RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent", "structured_report"]
 
 
 def parse_destination(text: str) -> tuple[str, int, str]:
@@ -93,6 +97,14 @@ class Listener:
         self.ae_title = ae_title
         self.destination = destination
         self.model_name = name_of_model(predictor.model_dir)
+        description = getattr(predictor, "description", {}) or {}
+        self.model = {
+            "name": self.model_name,
+            "boneage_version": description.get("boneage_version"),
+            "weights_sha256": description.get("weights_sha256"),
+        }
+        # the structured report beside the Secondary Capture needs highdicom (pip install 'boneage[sr]')
+        self.structured_reports = importlib.util.find_spec("highdicom") is not None
         for name in ("received", "reports"):
             (self.output / name).mkdir(parents=True, exist_ok=True)
         self.results = self.output / "results.csv"
@@ -184,16 +196,20 @@ class Listener:
         header = header_patient_info(source)
         row = next(self.predictor.predict_files([path], [header["male"]], ages=[_plausible_age(header)]))
         row["sop_instance_uid"] = str(source.SOPInstanceUID)
-        row["report"], row["sent"] = "", ""
+        row["report"], row["sent"], row["structured_report"] = "", "", ""
         if row["status"] in ("ok", "not assessable"):
             picture = render_report(path, row, self.model_name)
-            report = report_dataset(source, picture, row, self.model_name)
-            target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
-            report.save_as(target, enforce_file_format=True)
-            row["report"] = str(target)
+            reports = [report_dataset(source, picture, row, self.model_name)]
+            if row["status"] == "ok" and self.structured_reports:  # the measurements, for systems that read them
+                reports.append(sr_dataset(source, row, self.model))
+            for report, column in zip(reports, ("report", "structured_report")):
+                target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
+                report.save_as(target, enforce_file_format=True)
+                row[column] = str(target)
             if self.destination is not None:
                 try:
-                    send_dataset(report, self.destination, self.ae_title)
+                    for report in reports:
+                        send_dataset(report, self.destination, self.ae_title)
                     row["sent"] = "{2}@{0}:{1}".format(*self.destination)
                 except (ConnectionError, OSError, RuntimeError) as err:
                     row["sent"] = f"failed: {err}"

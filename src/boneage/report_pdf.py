@@ -10,6 +10,7 @@ Identifiers go onto the page only: nothing here logs them.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping
 from datetime import datetime
@@ -32,6 +33,32 @@ LIMITS = (
 )
 
 
+@functools.lru_cache(maxsize=1)
+def _fonts() -> dict[str, str]:
+    """The page's fonts: DejaVu Sans (Latin, Greek and Cyrillic names print as written; matplotlib ships it) when it
+    can be found, else the PDF's built-in Helvetica (Latin-1 only: other letters print as boxes)."""
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.ttfonts import TTFont
+
+    try:
+        import matplotlib
+
+        folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+        files = {"regular": "DejaVuSans.ttf", "bold": "DejaVuSans-Bold.ttf", "italic": "DejaVuSans-Oblique.ttf"}
+        names = {}
+        for style, file in files.items():
+            name = f"boneage-{file[:-4]}"
+            pdfmetrics.registerFont(TTFont(name, str(folder / file)))
+            names[style] = name
+        return names
+    except Exception:  # no matplotlib, or a missing or broken file (reportlab raises its own TTFError)
+        return {"regular": "Helvetica", "bold": "Helvetica-Bold", "italic": "Helvetica-Oblique"}
+
+
+def _font(style: str) -> str:
+    return _fonts()[style]
+
+
 def _rgb(colour: tuple[int, int, int]) -> Any:
     from reportlab.lib.colors import Color
 
@@ -44,7 +71,7 @@ def _draw_chart(canvas: Any, x: float, y: float, width: float, row: Mapping[str,
     axis titles and a legend. Without a bone age and an age, a line saying why there is no chart."""
     palette = LIGHT
     if row.get("status") != "ok" or row.get("chronological_age_months") is None:
-        canvas.setFont("Helvetica-Oblique", 9)
+        canvas.setFont(_font("italic"), 9)
         canvas.setFillColor(_rgb(palette["muted"]))
         canvas.drawString(x, y + width - 12, "No chart: it needs a bone age and a chronological age.")
         return
@@ -70,7 +97,7 @@ def _draw_chart(canvas: Any, x: float, y: float, width: float, row: Mapping[str,
     canvas.setFillColor(muted)
     canvas.setLineWidth(0.6)
     canvas.rect(left, bottom, side, side, stroke=1, fill=0)
-    canvas.setFont("Helvetica", 7)
+    canvas.setFont(_font("regular"), 7)
     for year in range(0, 21, 2):
         canvas.line(px(12 * year), bottom, px(12 * year), bottom - 3)
         canvas.line(left, py(12 * year), left - 3, py(12 * year))
@@ -78,7 +105,7 @@ def _draw_chart(canvas: Any, x: float, y: float, width: float, row: Mapping[str,
         canvas.drawRightString(left - 5, py(12 * year) - 2.5, str(year))
     text = _rgb(palette["text"])
     canvas.setFillColor(text)
-    canvas.setFont("Helvetica", 8)
+    canvas.setFont(_font("regular"), 8)
     canvas.drawCentredString(left + side / 2, bottom - 24, "Chronological age (years)")
     canvas.saveState()
     canvas.translate(left - 22, bottom + side / 2)
@@ -107,7 +134,7 @@ def _draw_chart(canvas: Any, x: float, y: float, width: float, row: Mapping[str,
         canvas.circle(px(age), py(reader), 3.5, stroke=1, fill=0)
     # the legend, in the top-left corner (the normal range runs along the diagonal, away from it)
     legend_x, legend_y = left + 6, bottom + side - 10
-    canvas.setFont("Helvetica", 7)
+    canvas.setFont(_font("regular"), 7)
     entries = [
         ("band", f"normal range: age -/+ {SDS_LIMIT:g} SD ({'boys' if male else 'girls'}, Greulich & Pyle)"),
         ("dash", "bone age = age"),
@@ -191,11 +218,12 @@ def build_pdf(
 
     def section(title: str, x: float, y: float) -> float:
         canvas.setFillColor(heading)
-        canvas.setFont("Helvetica-Bold", 10)
+        canvas.setFont(_font("bold"), 10)
         canvas.drawString(x, y, title)
         return y - 14
 
-    def paragraph(words: str, x: float, y: float, column: float, font: str = "Helvetica", size: float = 8.5) -> float:
+    def paragraph(words: str, x: float, y: float, column: float, font: str = "", size: float = 8.5) -> float:
+        font = font or _font("regular")
         canvas.setFont(font, size)
         for line in simpleSplit(words, font, size, column):
             canvas.drawString(x, y, line)
@@ -204,9 +232,9 @@ def build_pdf(
 
     y = height - margin - 4
     canvas.setFillColor(text)
-    canvas.setFont("Helvetica-Bold", 16)
+    canvas.setFont(_font("bold"), 16)
     canvas.drawString(margin, y, "Bone age report (automated)")
-    canvas.setFont("Helvetica", 8.5)
+    canvas.setFont(_font("regular"), 8.5)
     canvas.setFillColor(muted)
     canvas.drawRightString(width - margin, y + 6, f"Analysed {analysed_at:%Y-%m-%d %H:%M %Z}".strip())
     canvas.drawRightString(width - margin, y - 5, f"boneage {__version__}")
@@ -222,27 +250,27 @@ def build_pdf(
     for k, (key, label) in enumerate(short):
         column_x = margin if k < half else margin + content / 2
         line_y = y - 12 * (k % half)
-        canvas.setFont("Helvetica", 8.5)
+        canvas.setFont(_font("regular"), 8.5)
         canvas.setFillColor(muted)
         canvas.drawString(column_x, line_y, label)
         value = fields[key]
-        canvas.setFont("Helvetica-Bold" if value else "Helvetica-Oblique", 9)
+        canvas.setFont(_font("bold") if value else _font("italic"), 9)
         canvas.setFillColor(text if value else muted)
-        canvas.drawString(column_x + 88, line_y, value or NOT_GIVEN)
+        canvas.drawString(column_x + 96, line_y, value or NOT_GIVEN)
     y -= 12 * half
     for key, label in (("study_uid", "Study instance UID"), ("image", "Image")):
-        canvas.setFont("Helvetica", 8.5)
+        canvas.setFont(_font("regular"), 8.5)
         canvas.setFillColor(muted)
         canvas.drawString(margin, y, label)
-        canvas.setFont("Helvetica" if fields[key] else "Helvetica-Oblique", 8.5)
+        canvas.setFont(_font("regular") if fields[key] else _font("italic"), 8.5)
         canvas.setFillColor(text if fields[key] else muted)
-        canvas.drawString(margin + 88, y, (fields[key] or NOT_GIVEN)[:100])
+        canvas.drawString(margin + 96, y, (fields[key] or NOT_GIVEN)[:100])
         y -= 12
-    canvas.setFont("Helvetica", 8.5)
+    canvas.setFont(_font("regular"), 8.5)
     canvas.setFillColor(muted)
     canvas.drawString(margin, y, "Analysis date")
     canvas.setFillColor(text)
-    canvas.drawString(margin + 88, y, f"{analysed_at:%Y-%m-%d}  time {analysed_at:%H:%M:%S %Z}".strip())
+    canvas.drawString(margin + 96, y, f"{analysed_at:%Y-%m-%d}  time {analysed_at:%H:%M:%S %Z}".strip())
     y -= 8
     canvas.line(margin, y, width - margin, y)
 
@@ -259,7 +287,7 @@ def build_pdf(
     for k, finding in enumerate(findings(dict(row))):
         canvas.setFillColor(heading if finding.isupper() else text)
         line_y = paragraph(
-            finding, right, line_y, column, "Helvetica-Bold" if k == 0 else "Helvetica", 10 if k == 0 else 9
+            finding, right, line_y, column, _font("bold") if k == 0 else _font("regular"), 10 if k == 0 else 9
         )
         line_y -= 1.5
     y = min(top - picture_box[1], line_y) - 14
@@ -292,17 +320,20 @@ def build_pdf(
         column,
     )
     canvas.setFillColor(muted)
-    line_y = paragraph(LIMITS, right, line_y - 6, column, "Helvetica-Oblique", 8)
+    line_y = paragraph(LIMITS, right, line_y - 6, column, _font("italic"), 8)
     y = min(y - chart_side, line_y) - 26
 
     # the reviewer signs on paper
     canvas.setFillColor(text)
-    canvas.setFont("Helvetica", 9.5)
+    canvas.setFont(_font("regular"), 9.5)
     canvas.drawString(margin, y, "Reviewed by:")
-    canvas.line(margin + 62, y - 2, margin + content * 0.6, y - 2)
+    canvas.line(
+        margin + canvas.stringWidth("Reviewed by:  ", _font("regular"), 9.5), y - 2, margin + content * 0.6, y - 2
+    )
     canvas.drawString(margin + content * 0.64, y, "Date:")
-    canvas.line(margin + content * 0.64 + 28, y - 2, width - margin, y - 2)
-    canvas.setFont("Helvetica", 7)
+    date_x = margin + content * 0.64 + canvas.stringWidth("Date:  ", _font("regular"), 9.5)
+    canvas.line(date_x, y - 2, width - margin, y - 2)
+    canvas.setFont(_font("regular"), 7)
     canvas.setFillColor(muted)
     canvas.drawString(
         margin,

@@ -233,6 +233,29 @@ class BoneAgeService:
         report.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
 
+    def structured_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
+        """One DICOM upload -> its measurements as a DICOM Structured Report (TID 1500) in the same study
+        (:func:`boneage.structured_report.sr_dataset`)."""
+        import pydicom
+
+        from boneage.structured_report import sr_dataset
+
+        if _suffix_for(data) != ".dcm":
+            raise InputError(415, "a structured report needs a DICOM upload (its patient and study to file it into)")
+        with _stored(data, ".dcm") as path:
+            with self.lock:
+                row = self._read(path, ".dcm", sex, age, reading)
+            if row["status"] != "ok":
+                raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
+            model = {k: self.model_info[k] for k in ("name", "boneage_version", "weights_sha256")}
+            try:
+                report = sr_dataset(pydicom.dcmread(path, stop_before_pixels=True), row, model)
+            except ValueError as err:
+                raise InputError(422, str(err).replace(str(row.get("id")) + ": ", "")) from None
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
     def pdf_report(
         self,
         data: bytes,
@@ -393,6 +416,19 @@ def create_app(
         series, to import into the PACS; an image that is not assessable gets a report saying so."""
         content = service.dicom_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
         return _attachment(content, "application/dicom", "bone-age-report.dcm")
+
+    @app.post("/api/v1/report.sr.dcm", response_class=Response)
+    def structured_report(
+        file: Annotated[UploadFile, File(description="DICOM radiograph of the left hand")],
+        sex: SexForm = None,
+        chronological_age_months: AgeForm = None,
+        reader_bone_age_months: ReadingForm = None,
+    ) -> Response:
+        """The measurements as a DICOM Structured Report (TID 1500 Measurement Report, application/dicom) in the
+        upload's patient and study, referencing it: bone age (LOINC 85151-9, months) with its 90% interval and call,
+        and with an age the chronological age, BA - CA and SDS; the model is the observer device."""
+        content = service.structured_report(read_upload(file), sex, chronological_age_months, reader_bone_age_months)
+        return _attachment(content, "application/dicom", "bone-age-sr.dcm")
 
     @app.post("/api/v1/report.pdf", response_class=Response)
     def pdf_report(
