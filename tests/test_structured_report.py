@@ -74,6 +74,7 @@ def test_the_sr_is_in_the_source_study_and_conforms(tmp_path):
     source = _source(tmp_path / "d.dcm", PatientID="MRN-1", PatientName="Doe^Ann", AccessionNumber="A7")
     header = pydicom.dcmread(source, stop_before_pixels=True)
     report = sr_dataset(header, ROW, MODEL)
+    assert "StudyID" not in header and "StudyID" in report  # Type 2, empty in the report; the source untouched
     target = tmp_path / "sr.dcm"
     report.save_as(target, enforce_file_format=True)
     assert dciodvfy_errors(target) == []

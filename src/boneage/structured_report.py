@@ -97,7 +97,9 @@ def sr_dataset(source: Any, row: Mapping[str, Any], model: Mapping[str, Any]) ->
     missing = [t for t in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if t not in source]
     if missing:
         raise ValueError(f"{row.get('id')}: the source image has no {', '.join(missing)} to reference")
-    evidence = copy.copy(source)  # the SR copies patient and study from it: empty Type 2 values where it has none
+    # the SR copies patient and study from its evidence: a copy (the caller's header stays as it was) with empty
+    # Type 2 values where the source has none
+    evidence = copy.deepcopy(source)
     for tag in TYPE2_PATIENT_STUDY:
         if tag not in evidence:
             setattr(evidence, tag, "")
