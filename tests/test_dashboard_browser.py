@@ -94,10 +94,17 @@ def test_upload_shows_bone_age_sds_call_and_overlay(server, browser, tmp_path):
     browser.find_element(By.ID, "file").send_keys(str(image))
     Select(browser.find_element(By.ID, "sex")).select_by_value("F")
     browser.find_element(By.ID, "age-years").send_keys("8")
+    browser.find_element(By.CSS_SELECTOR, "#patient summary").click()  # the PDF's identification, folded away
+    browser.find_element(By.ID, "patient-id").send_keys("WEB-12")
+    Select(browser.find_element(By.ID, "paper")).select_by_value("letter")
     browser.find_element(By.ID, "submit").click()
     _wait_for(browser, lambda d: d.find_element(By.ID, "bone-age").text or d.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text == ""
     assert "months" in browser.find_element(By.ID, "bone-age").text
+    sent = browser.execute_script(
+        "return [lastForm.get('patient_id'), lastForm.get('paper'), lastForm.get('birth_date')]"
+    )
+    assert sent == ["WEB-12", "letter", None]  # what the report downloads post; an empty field is left out
     assert browser.find_element(By.ID, "chronological").text.startswith("96.0 months")
     sds = browser.find_element(By.ID, "sds").text.replace("−", "-")  # e.g. +1.23 (90% interval -0.20 to +2.66)
     point, low, high = (
@@ -184,7 +191,7 @@ def test_dicom_upload_offers_the_dicom_report(server, browser, tmp_path):
     assert browser.find_element(By.ID, "error").text == ""
     assert "from DICOM" in browser.find_element(By.ID, "sex-shown").text
     button = browser.find_element(By.ID, "dicom-report")
-    assert button.is_displayed()
+    assert button.is_displayed() and browser.find_element(By.ID, "sr-report").is_displayed()
     # what the button posts: the page's last form, answered with a DICOM file
     status, kind = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"

@@ -1,7 +1,7 @@
 """Against a real PACS: Orthanc (Debian's ``orthanc``, installed by .ci/run) started here on loopback ports with its
-own configuration and storage, and stopped here. Orthanc sends a study to ``boneage listen``; the node's report comes
-back into the same study; a resend files nothing twice; and a node killed with SIGKILL right after it accepted a
-batch reads all of it after a restart, every report reaching Orthanc."""
+own configuration and storage, and stopped here. Orthanc sends a study to ``boneage listen``; the node's reports (the
+Secondary Capture and the Structured Report) come back into the same study; a resend files nothing twice; and a node
+killed with SIGKILL right after it accepted a batch reads all of it after a restart, every report reaching Orthanc."""
 
 from __future__ import annotations
 
@@ -123,17 +123,19 @@ def test_orthanc_round_trip_resend_and_kill(orthanc, tiny_model, tmp_path):
         study, ids = upload_study(url, tmp_path / "films", 1)
         store = {"Resources": ids, "Synchronous": True}
         assert httpx.post(f"{url}/modalities/boneage/store", json=store, timeout=120).status_code == 200
-        wait_for(lambda: len(study_instances(url, study)) == 2, 120, "the report to reach Orthanc")
+        wait_for(lambda: len(study_instances(url, study)) == 3, 120, "the reports to reach Orthanc")
         tags = study_instances(url, study)
-        report = next(t for t in tags if t.get("Manufacturer") == "boneage")
+        report = next(t for t in tags if t.get("Manufacturer") == "boneage" and t.get("Modality") != "SR")
+        structured = next(t for t in tags if t.get("Modality") == "SR")
         film = next(t for t in tags if t.get("Manufacturer") != "boneage")
+        assert structured["StudyInstanceUID"] == film["StudyInstanceUID"]  # the measurements beside the picture
         assert report["StudyInstanceUID"] == film["StudyInstanceUID"] and report["PatientID"] == "BA-TEST-1"
         assert report["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.7" and "Bone age" in report["ImageComments"]
 
-        # a resend (the PACS's retry, or a user clicking twice): still one row and one report in the study
+        # a resend (the PACS's retry, or a user clicking twice): still one row and one of each report in the study
         assert httpx.post(f"{url}/modalities/boneage/store", json=store, timeout=120).status_code == 200
         time.sleep(3)
-        assert rows(output) == [film["SOPInstanceUID"]] and len(study_instances(url, study)) == 2
+        assert rows(output) == [film["SOPInstanceUID"]] and len(study_instances(url, study)) == 3
     finally:
         node.terminate()
         node.wait(timeout=60)
@@ -147,7 +149,7 @@ def test_orthanc_round_trip_resend_and_kill(orthanc, tiny_model, tmp_path):
         node.send_signal(signal.SIGKILL)  # every instance was answered with success; few, if any, were read yet
         node.wait(timeout=30)
         node = start_node(tiny_model, output, orthanc)
-        wait_for(lambda: len(study_instances(url, study)) == 12, 240, "six reports to reach Orthanc after a restart")
+        wait_for(lambda: len(study_instances(url, study)) == 18, 240, "12 reports to reach Orthanc after a restart")
         films = {t["SOPInstanceUID"] for t in study_instances(url, study) if t.get("Manufacturer") != "boneage"}
         assert films <= set(rows(output)) and len(rows(output)) == 7  # the first film's row and these six, once each
     finally:

@@ -227,10 +227,13 @@ def test_listener_reads_what_it_receives_and_sends_the_report_on(tmp_path):
     unknown_row = by_uid.loc[pydicom.dcmread(unknown).SOPInstanceUID]
     assert unknown_row["status"] == "error" and "sex unknown: no PatientSex" in unknown_row["message"]
     assert "--sex" not in unknown_row["message"]  # listen has no --sex to suggest
-    assert unknown_row["report"] == "" and unknown_row["sent"] == ""
-    assert len(pacs.received) == 1  # only the girl's report reached the PACS
-    assert pacs.received[0].SOPInstanceUID == report.SOPInstanceUID
-    assert pacs.received[0].StudyInstanceUID == report.StudyInstanceUID
+    assert unknown_row["report"] == "" and unknown_row["sent"] == "" and unknown_row["structured_report"] == ""
+    # the structured report (the measurements) beside the Secondary Capture, in the same study
+    structured = pydicom.dcmread(girl_row["structured_report"])
+    assert structured.Modality == "SR" and structured.StudyInstanceUID == report.StudyInstanceUID
+    assert len(pacs.received) == 2  # only the girl's reports reached the PACS: the picture and the measurements
+    assert [r.SOPInstanceUID for r in pacs.received] == [report.SOPInstanceUID, structured.SOPInstanceUID]
+    assert {r.StudyInstanceUID for r in pacs.received} == {report.StudyInstanceUID}
 
 
 def test_a_failed_send_keeps_the_report_and_says_why(tmp_path):
@@ -273,7 +276,7 @@ def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, c
     from PIL import Image
 
     from boneage.cli import main
-    from boneage.render import write_pdf_reports
+    from boneage.report_pdf import write_pdf_reports
 
     model = make_tiny_model(tmp_path / "model")
     (tmp_path / "in").mkdir()
@@ -290,7 +293,7 @@ def test_predict_writes_a_pdf_report_for_every_image_read_or_refused(tmp_path, c
     assert all(p.read_bytes().startswith(b"%PDF") and p.stat().st_size > 5000 for p in pages)
     table = pd.read_csv(tmp_path / "p.csv", dtype={"id": str})
     (tmp_path / "in" / "plain.png").unlink()  # gone before its report: that one is listed, the others written
-    written, problems = write_pdf_reports(table, tmp_path / "again", "m")
+    written, problems = write_pdf_reports(table, tmp_path / "again", {"name": "m"})
     assert [p.name for p in written] == ["hand_report.pdf"]
     assert len(problems) == 1 and "plain_report.pdf: not written" in problems[0]
 

@@ -137,8 +137,65 @@ def test_a_pdf_report_for_any_upload(client):
     assert response.status_code == 200 and response.headers["content-type"] == "application/pdf"
     assert response.content.startswith(b"%PDF-") and len(response.content) > 5000
     assert "bone-age-report.pdf" in response.headers["content-disposition"]
+    pypdf = pytest.importorskip("pypdf")
+    page = pypdf.PdfReader(io.BytesIO(response.content)).pages[0]
+    assert (round(float(page.mediabox.width)), round(float(page.mediabox.height))) == (595, 842)  # A4
+    text = " ".join(page.extract_text().split())
+    assert "h.png" in text and "Bone age" in text and "not given" in text
+    letter = client.post(
+        "/api/v1/report.pdf",
+        files={"file": ("h.png", HAND, "image/png")},
+        data={"sex": "F", "paper": "letter", "patient_id": "FORM-7", "accession_number": "A-1"},
+    )
+    page = pypdf.PdfReader(io.BytesIO(letter.content)).pages[0]
+    assert round(float(page.mediabox.height)) == 792
+    assert "FORM-7" in page.extract_text() and "A-1" in page.extract_text()
+    bad = client.post(
+        "/api/v1/report.pdf", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F", "paper": "a3"}
+    )
+    assert bad.status_code == 422 and "paper" in bad.json()["detail"]
     no_sex = client.post("/api/v1/report.pdf", files={"file": ("h.png", HAND, "image/png")})
     assert no_sex.status_code == 422 and "sex unknown" in no_sex.json()["detail"]
+
+
+def test_predict_as_a_fhir_observation(client):
+    response = client.post(
+        "/api/v1/predict?format=fhir",
+        files={"file": ("h.png", HAND, "image/png")},
+        data={"sex": "F", "chronological_age_months": "96", "patient_id": "FORM-3"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "application/fhir+json"
+    resource = response.json()
+    assert resource["resourceType"] == "Observation" and resource["code"]["coding"][0]["code"] == "85151-9"
+    assert resource["subject"]["identifier"]["value"] == "FORM-3"
+    plain = client.post(
+        "/api/v1/predict",
+        files={"file": ("h.png", HAND, "image/png")},
+        data={"sex": "F", "chronological_age_months": "96"},
+    ).json()
+    assert resource["valueQuantity"]["value"] == round(plain["bone_age_months"], 1)
+    fhir = pytest.importorskip("fhir.resources.R4B.observation")
+    fhir.Observation.model_validate(resource)
+    bad = client.post("/api/v1/predict?format=xml", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F"})
+    assert bad.status_code == 422 and "format" in bad.json()["detail"]
+
+
+def test_a_structured_report_of_a_dicom_upload(client, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    pixels = synthetic_radiograph(90).astype("uint16") * 16
+    bare = write_dicom(tmp_path / "bare.dcm", pixels, PatientSex="F", PatientAge="008Y")
+    refused = client.post("/api/v1/report.sr.dcm", files={"file": ("d.dcm", bare.read_bytes(), "application/dicom")})
+    assert refused.status_code == 422 and "no StudyInstanceUID, SeriesInstanceUID" in refused.json()["detail"]
+    uids = {"StudyInstanceUID": "1.2.3.4", "SeriesInstanceUID": "1.2.3.4.5"}
+    path = write_dicom(tmp_path / "d.dcm", pixels, PatientSex="F", PatientAge="008Y", **uids)
+    response = client.post("/api/v1/report.sr.dcm", files={"file": ("d.dcm", path.read_bytes(), "application/dicom")})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    report = pydicom.dcmread(io.BytesIO(response.content))
+    assert report.Modality == "SR" and report.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert report.StudyInstanceUID == "1.2.3.4"
+    png = client.post("/api/v1/report.sr.dcm", files={"file": ("h.png", HAND, "image/png")}, data={"sex": "F"})
+    assert png.status_code == 415 and "DICOM upload" in png.json()["detail"]
 
 
 def test_dicom_report_files_into_the_upload_study(client, tmp_path):

@@ -224,8 +224,22 @@ def _add_predict(commands: _Commands) -> None:
     predict.add_argument(
         "--pdf-report",
         metavar="DIR",
-        help="for each image read or refused, its report page (radiograph, findings, chart) as DIR/<id>_report.pdf",
+        help="for each image read or refused, its report page to file (identification from the DICOM header or "
+        "--metadata's patient_name, patient_id, birth_date, accession_number, study_date; findings, chart, "
+        "radiograph, model, method) as DIR/<id>_report.pdf",
     )
+    predict.add_argument(
+        "--sr-report",
+        metavar="DIR",
+        help="for each DICOM input with a bone age, a DICOM Structured Report (TID 1500 measurements: bone age, "
+        "interval, age, BA-CA, SDS, call) in its study as DIR/<id>_sr.dcm",
+    )
+    predict.add_argument(
+        "--fhir",
+        metavar="DIR",
+        help="for each image with a bone age, a FHIR R4 Observation (LOINC 85151-9, months) as DIR/<id>.fhir.json",
+    )
+    predict.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF report's paper size")
     predict.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: auto)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_run_predict)
@@ -261,12 +275,34 @@ def _run_predict(args: argparse.Namespace) -> int:
         written = write_reports(rows=table, folder=args.dicom_report, model_name=name)
         print(f"wrote {len(written)} DICOM report(s) to {args.dicom_report}")
     if args.pdf_report:
-        from boneage.render import write_pdf_reports
+        from boneage.inputs import patients_from_metadata
+        from boneage.model_folder import default_model_dir, model_identity
+        from boneage.report_pdf import write_pdf_reports
 
-        pages, problems = write_pdf_reports(rows=table, folder=args.pdf_report, model_name=name)
+        pages, problems = write_pdf_reports(
+            rows=table,
+            folder=args.pdf_report,
+            model=model_identity(args.model or default_model_dir()),
+            paper=args.paper,
+            patients=patients_from_metadata(args.metadata),
+        )
         print(f"wrote {len(pages)} PDF report(s) to {args.pdf_report}")
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
+    if args.sr_report:
+        from boneage.model_folder import default_model_dir, model_identity
+        from boneage.structured_report import write_sr_reports
+
+        written = write_sr_reports(table, args.sr_report, model_identity(args.model or default_model_dir()))
+        print(f"wrote {len(written)} DICOM structured report(s) to {args.sr_report}")
+    if args.fhir:
+        from boneage.fhir_observation import write_observations
+        from boneage.inputs import patients_from_metadata
+        from boneage.model_folder import default_model_dir, model_identity
+
+        model = model_identity(args.model or default_model_dir())
+        written = write_observations(table, args.fhir, model, patients_from_metadata(args.metadata))
+        print(f"wrote {len(written)} FHIR Observation(s) to {args.fhir}")
     failed = table[table["status"] != "ok"]
     if len(table) <= 20:
         for record in table.to_dict("records"):
@@ -341,7 +377,8 @@ def _add_listen(commands: _Commands) -> None:
         help="DICOM node for a PACS: reads every radiograph sent to it, returns a report to the study",
         description="A DICOM storage node (C-STORE and C-ECHO). Each received image is stored in OUTPUT/received, "
         "read (sex and age from its header), its row appended to OUTPUT/results.csv and a report (a Secondary "
-        "Capture in the same study, a new series) written to OUTPUT/reports and, with --send-to, sent there.",
+        "Capture in the same study, a new series, and a Structured Report of the measurements beside it) written to "
+        "OUTPUT/reports and, with --send-to, sent there.",
     )
     listen.add_argument("--output", required=True, help="folder for received images, reports and results.csv")
     listen.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")

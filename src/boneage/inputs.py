@@ -1,10 +1,11 @@
 """What a prediction reads besides the pixels: the image files under the paths given, and each one's sex,
-chronological age and reader's bone age (a metadata CSV, a flag for all, or the DICOM header). Torch-free."""
+chronological age and reader's bone age (a metadata CSV, a flag for all, or the DICOM header), and who and what the
+reports are about (patient and study identifiers, from the same places). Torch-free."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,26 @@ from boneage.imageio import (
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom"}
 READING_HEADERS = ("reader_bone_age_months", *AGE_HEADERS)  # metadata: a labels CSV's bone age is a reader's reading
+# (key, label) of the identification block, in the page's order; metadata CSV columns and API form fields use the keys
+IDENTIFICATION_FIELDS = (
+    ("patient_name", "Patient name"),
+    ("patient_id", "Patient ID"),
+    ("birth_date", "Birth date"),
+    ("sex", "Sex"),
+    ("accession_number", "Accession number"),
+    ("study_date", "Study date"),
+    ("study_uid", "Study instance UID"),
+    ("image", "Image"),
+)
+_DICOM_FIELDS = {
+    "patient_name": "PatientName",
+    "patient_id": "PatientID",
+    "birth_date": "PatientBirthDate",
+    "accession_number": "AccessionNumber",
+    "study_date": "StudyDate",
+    "study_uid": "StudyInstanceUID",
+    "image": "SOPInstanceUID",
+}
 
 
 def image_id(path: str | Path) -> str:
@@ -203,3 +224,58 @@ def resolve_readings(
             value = parse_chronological_age(table.at[key, column], f"{metadata}: id {key}, {column}")
         readings.append(value if value is not None else default)
     return readings
+
+
+def _text(value: Any) -> str | None:
+    """A field's value as text, None when it is missing or blank."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def format_date(value: Any) -> str | None:
+    """A DICOM date (``YYYYMMDD``) as ``YYYY-MM-DD``; other text as given."""
+    text = _text(value)
+    if text and len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
+
+
+def identification(path: str | Path, male: bool | None, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Who and what a report is about (the PDF's identification block, the FHIR subject, the structured report's
+    context): each of :data:`IDENTIFICATION_FIELDS` as text, or None when unknown.
+
+    ``given`` (a metadata CSV's row or the API's form fields, by key) wins over the DICOM header; the sex is the one the
+    model was given (``male``); the image is the DICOM SOPInstanceUID, else the file name.
+    """
+    found: dict[str, Any] = {key: None for key, _ in IDENTIFICATION_FIELDS}
+    path = Path(path)
+    if path.is_file() and is_dicom(path):
+        import pydicom
+
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        for key, tag in _DICOM_FIELDS.items():
+            found[key] = _text(header.get(tag))
+    if found["image"] is None:
+        found["image"] = path.name
+    for key, value in (given or {}).items():
+        if key in found and _text(value) is not None:
+            found[key] = _text(value)
+    if found["patient_name"]:  # a DICOM person name, Family^Given^Middle -> "Family, Given Middle"
+        family, _, rest = found["patient_name"].partition("^")
+        found["patient_name"] = ", ".join(p for p in (family, " ".join(rest.split("^")).strip()) if p)
+    found["birth_date"], found["study_date"] = format_date(found["birth_date"]), format_date(found["study_date"])
+    if male is not None:
+        found["sex"] = "M" if male else "F"
+    return found
+
+
+def patients_from_metadata(metadata: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Identification fields by image id from a metadata CSV's columns (``patient_name``, ``patient_id``,
+    ``birth_date``, ``accession_number``, ``study_date``, ``study_uid``); empty without a CSV."""
+    if not metadata:
+        return {}
+    table = read_metadata(metadata)
+    keys = [key for key, _ in IDENTIFICATION_FIELDS if key in table.columns and key not in ("sex", "image")]
+    return {str(i): {key: table.at[i, key] for key in keys} for i in table.index} if keys else {}

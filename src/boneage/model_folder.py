@@ -125,3 +125,19 @@ def correct_months(months: Any, male: Any, description: dict[str, Any]) -> Any:
     (slope_f, intercept_f), (slope_m, intercept_m) = correction["female"], correction["male"]
     is_male = male * 1.0  # bool/int -> float, NumPy or torch alike
     return months * (slope_f + (slope_m - slope_f) * is_male) + (intercept_f + (intercept_m - intercept_f) * is_male)
+
+
+def model_identity(model: str | Path) -> dict[str, Any]:
+    """A model's name, the boneage version that made it and its weights' SHA-256 (from its folder's ``config.json``;
+    ``None`` for what a bare ``.onnx`` file does not say), for the report's method section."""
+    path = Path(model)
+    folder = path.parent if path.name == ONNX_FILE else path
+    try:
+        description = read_model_description(folder)
+    except ModelFolderError:  # a bare .onnx file: no config.json beside it
+        description = {}
+    return {
+        "name": model_name(path),
+        "boneage_version": description.get("boneage_version"),
+        "weights_sha256": description.get("weights_sha256"),
+    }

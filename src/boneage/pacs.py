@@ -1,6 +1,8 @@
 """PACS integration: the bone-age report as a DICOM object in the radiograph's own study, and a DICOM node for it.
 
-The report is a DICOM Secondary Capture in the source image's study (:mod:`boneage.secondary_capture`). ``Listener``
+The report is a DICOM Secondary Capture in the source image's study (:mod:`boneage.secondary_capture`) and, for an
+image with a bone age, a Structured Report of the measurements beside it (:mod:`boneage.structured_report`, when
+highdicom is installed). ``Listener``
 (``boneage listen``) is a DICOM storage node (C-STORE SCP, pynetdicom): every image sent to it is stored, read by
 :meth:`predict_files` (the code path of ``boneage predict``; sex and age from the DICOM header), its row appended to
 ``results.csv`` and its report written beside it and, with a destination, sent on by C-STORE.
@@ -12,6 +14,7 @@ instance counter, status and timings, never a patient detail."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 import queue
@@ -29,8 +32,11 @@ from boneage.predict import load_predictor
 from boneage.render import render_report
 from boneage.rows import PREDICTION_COLUMNS, add_note
 from boneage.secondary_capture import SECONDARY_CAPTURE, report_dataset
+from boneage.structured_report import sr_dataset
 
 logger = logging.getLogger("boneage.pacs")
+
+SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # the DICOM Structured Report storage SOP classes
 
 
 # lossless compressed transfer syntaxes a sender may use (decoded by GDCM): JPEG Lossless SV1, JPEG-LS, JPEG 2000, RLE
@@ -40,7 +46,7 @@ COMPRESSED_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",
     "1.2.840.10008.1.2.5",
 )
-RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent"]
+RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent", "structured_report"]
 
 
 def parse_destination(text: str) -> tuple[str, int, str]:
@@ -104,6 +110,14 @@ class Listener:
         self.retry_seconds = retry_seconds
         self.tls = tls  # an ssl.SSLContext for the server side, or None
         self.model_name = name_of_model(predictor.model_dir)
+        description = getattr(predictor, "description", {}) or {}
+        self.model = {
+            "name": self.model_name,
+            "boneage_version": description.get("boneage_version"),
+            "weights_sha256": description.get("weights_sha256"),
+        }
+        # the structured report beside the Secondary Capture needs highdicom (pip install 'boneage[sr]')
+        self.structured_reports = importlib.util.find_spec("highdicom") is not None
         for name in ("received", "reports"):
             (self.output / name).mkdir(parents=True, exist_ok=True)
         self.results = self.output / "results.csv"
@@ -238,15 +252,18 @@ class Listener:
             row["message"] = f"{path}: sex unknown: no PatientSex (M or F) in the DICOM header, where the node reads it"
         add_note(row, age_note)
         row["sop_instance_uid"] = str(source.SOPInstanceUID)
-        row["report"], row["sent"] = "", ""
+        row["report"], row["sent"], row["structured_report"] = "", "", ""
         if row["status"] in ("ok", "not assessable"):
             picture = render_report(path, row, self.model_name)
-            report = report_dataset(source, picture, row, self.model_name)
-            target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
-            report.save_as(target, enforce_file_format=True)
-            row["report"] = str(target)
+            reports = [report_dataset(source, picture, row, self.model_name)]
+            if row["status"] == "ok" and self.structured_reports:  # the measurements, for systems that read them
+                reports.append(sr_dataset(source, row, self.model))
+            for report, column in zip(reports, ("report", "structured_report")):
+                target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
+                report.save_as(target, enforce_file_format=True)
+                row[column] = str(target)
             if self.destination is not None:
-                row["sent"] = self._send(report)
+                row["sent"] = self._send(reports)
         self._record(row)
         logger.info(
             "instance read: %s in %.2f s%s",
@@ -268,11 +285,13 @@ class Listener:
             self.results.rename(kept)
             logger.warning("%s has other columns (an earlier version's): kept as %s", self.results, kept.name)
 
-    def _send(self, report: Any) -> str:
-        """C-STORE the report, retried with back-off; the row's ``sent``: where it went, or why it did not."""
+    def _send(self, reports: list[Any]) -> str:
+        """C-STORE the reports, retried with back-off (a report already stored is stored again under its same UID,
+        which the receiver replaces); the row's ``sent``: where they went, or why they did not."""
         for attempt in range(1, self.send_attempts + 1):
             try:
-                send_dataset(report, self.destination, self.ae_title)  # type: ignore[arg-type]
+                for report in reports:
+                    send_dataset(report, self.destination, self.ae_title)  # type: ignore[arg-type]
                 return "{2}@{0}:{1}".format(*self.destination)  # type: ignore[str-format]
             except (ConnectionError, OSError, RuntimeError) as err:
                 if attempt == self.send_attempts:
@@ -312,8 +331,11 @@ class Listener:
 
 
 def _is_own_report(header: Any) -> bool:
-    """Whether an instance is a report this package wrote (a PACS may forward the whole study back)."""
-    return str(header.get("Manufacturer", "")) == "boneage" and str(header.get("SOPClassUID", "")) == SECONDARY_CAPTURE
+    """Whether an instance is a report this package wrote, its Secondary Capture or its Structured Report (a PACS may
+    forward the whole study back)."""
+    sop_class = str(header.get("SOPClassUID", ""))
+    is_report = sop_class == SECONDARY_CAPTURE or sop_class.startswith(SR_STORAGE_PREFIX)
+    return str(header.get("Manufacturer", "")) == "boneage" and is_report
 
 
 def listen(

@@ -1,6 +1,6 @@
 """The clinical report page, drawn with NumPy and Pillow: the radiograph beside the findings and the chart of bone age
-against age (the normal range from the Greulich-Pyle reference), on a dark page (PACS viewers) or paper colours (PDF);
-and the page as a PDF for every image read or refused."""
+against age (the normal range from the Greulich-Pyle reference), on a dark page (PACS viewers) or paper colours
+(``boneage chart``). The PDF report to file is :mod:`boneage.report_pdf`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from boneage import __version__
 from boneage.clinical import SDS_LIMIT, reference_band
 from boneage.imageio import read_image
-from boneage.rows import READABLE, reportable_rows
+from boneage.rows import READABLE
 
 
 def findings(row: dict[str, Any]) -> list[str]:
@@ -192,28 +192,3 @@ def render_report(
     for k, line in enumerate(footer):
         draw.text((x, height - 16 - 18 * (len(footer) - k)), line, fill=palette["muted"], font=small)
     return np.asarray(canvas)
-
-
-def write_pdf_reports(rows: Any, folder: str | Path, model_name: str) -> tuple[list[Path], list[str]]:
-    """The report's page (:func:`render_report`: the radiograph, the findings and the chart) as a PDF for every input
-    among prediction rows that has a bone age or was refused as not assessable, any image format:
-    ``<folder>/<id>_report.pdf``, for a clinic that prints or files reports without a PACS.
-
-    Returns:
-        (written, problems): the PDFs, and one line per report that could not be made (the batch goes on).
-    """
-    from PIL import Image
-
-    folder = Path(folder)
-    written, problems = [], []
-    for row in reportable_rows(rows):
-        target = folder / f"{row['id']}_report.pdf"
-        try:
-            page = Image.fromarray(render_report(row["path"], row, model_name, palette=LIGHT))
-            folder.mkdir(parents=True, exist_ok=True)
-            page.save(target, "PDF", resolution=100.0, title=f"Bone age report: {row['id']}")
-        except (OSError, ValueError) as err:
-            problems.append(f"{target}: not written ({err})")
-            continue
-        written.append(target)
-    return written, problems

@@ -78,6 +78,10 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
     ds.PatientOrientation = ""
+    # General Series Laterality is Type 2C (a paired body part such as the hand, the series having no Image
+    # Laterality): the source's, else its image's, else present and empty (unknown)
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    ds.Laterality = laterality if laterality in ("L", "R") else ""
     ds.BurnedInAnnotation = "NO"  # the picture's text holds no patient identifiers
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "Bone age estimated from the source radiograph by boneage"

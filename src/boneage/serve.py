@@ -5,7 +5,8 @@ and chronological age (and, optionally, their own reading), and sees the radiogr
 the bone age, its interval, BA - CA, the SDS and the call, and the child on a chart of bone age against age with the
 normal range (age -/+ 2 SD) shaded. ``POST /api/v1/predict`` does the same for other systems; ``POST
 /api/v1/report.dcm`` returns the report of a DICOM upload as a DICOM Secondary Capture in its study
-(:mod:`boneage.secondary_capture`) and ``POST /api/v1/report.pdf`` any upload's report page as a PDF;
+(:mod:`boneage.secondary_capture`) and ``POST /api/v1/report.pdf`` any upload's report page to file as a PDF
+(:mod:`boneage.report_pdf`);
 ``GET /api/v1/health`` says whether the model is loaded; the OpenAPI schema is at ``/openapi.json`` and ``/docs``.
 
 Every prediction goes through :meth:`boneage.backends.base.Predictor.predict_files`, the code path of
@@ -35,7 +36,7 @@ from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
 from boneage.inputs import header_age
 from boneage.model_folder import model_name
 from boneage.predict import load_predictor, torch_available
-from boneage.render import LIGHT, render_report
+from boneage.render import render_report
 from boneage.rows import PREDICTION_COLUMNS, add_note, add_reading
 from boneage.secondary_capture import report_dataset
 
@@ -279,6 +280,27 @@ class BoneAgeService:
                 report["gradcam_png"] = _png_base64(images[1])
         return report
 
+    def fhir_observation(
+        self,
+        data: bytes,
+        sex: str | None,
+        age: str | None,
+        reading: str | None = None,
+        patient: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One upload -> its bone age as a FHIR R4 Observation (:func:`boneage.fhir_observation.observation`), the
+        resource ``boneage predict --fhir`` writes. Raises InputError for anything the client must fix."""
+        from boneage.fhir_observation import observation
+
+        suffix = _suffix_for(data)
+        with _stored(data, suffix) as path:
+            with self.lock:
+                row = self._read(path, suffix, sex, age, reading)
+            if row["status"] == "not assessable":
+                raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
+            model = {k: self.model_info[k] for k in ("name", "boneage_version", "weights_sha256")}
+            return observation(row, model, patient)
+
     def dicom_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
         """One DICOM upload -> its report as a DICOM Secondary Capture in the same study
         (:mod:`boneage.secondary_capture`)."""
@@ -297,19 +319,51 @@ class BoneAgeService:
         report.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
 
-    def pdf_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
-        """One upload, any format -> its report page (radiograph, findings, chart) as a one-page PDF on paper
-        colours, the page ``boneage predict --pdf-report`` writes."""
-        from PIL import Image
+    def structured_report(self, data: bytes, sex: str | None, age: str | None, reading: str | None = None) -> bytes:
+        """One DICOM upload -> its measurements as a DICOM Structured Report (TID 1500) in the same study
+        (:func:`boneage.structured_report.sr_dataset`)."""
+        import pydicom
 
+        from boneage.structured_report import sr_dataset
+
+        if _suffix_for(data) != ".dcm":
+            raise InputError(415, "a structured report needs a DICOM upload (its patient and study to file it into)")
+        with _stored(data, ".dcm") as path:
+            with self.lock:
+                row = self._read(path, ".dcm", sex, age, reading)
+            if row["status"] != "ok":
+                raise InputError(422, "not assessable: " + row["message"].replace(str(path) + ": ", ""))
+            model = {k: self.model_info[k] for k in ("name", "boneage_version", "weights_sha256")}
+            try:
+                report = sr_dataset(pydicom.dcmread(path, stop_before_pixels=True), row, model)
+            except ValueError as err:
+                raise InputError(422, str(err).replace(str(row.get("id")) + ": ", "")) from None
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    def pdf_report(
+        self,
+        data: bytes,
+        sex: str | None,
+        age: str | None,
+        reading: str | None = None,
+        paper: str = "a4",
+        patient: dict[str, Any] | None = None,
+    ) -> bytes:
+        """One upload, any format -> its report page to file (:func:`boneage.report_pdf.build_pdf`), the page
+        ``boneage predict --pdf-report`` writes; ``patient``: identification fields that win over the DICOM
+        header (``image``: the upload's file name when it is not DICOM)."""
+        from boneage.report_pdf import PAPERS, build_pdf
+
+        if paper not in PAPERS:
+            raise InputError(422, f"paper: expected one of {', '.join(PAPERS)}, got {paper!r}")
         suffix = _suffix_for(data)
         with _stored(data, suffix) as path:
             with self.lock:
                 row = self._read(path, suffix, sex, age, reading)
-            page = Image.fromarray(render_report(path, row, model_name(self.predictor.model_dir), palette=LIGHT))
-        buffer = io.BytesIO()
-        page.save(buffer, "PDF", resolution=100.0, title="Bone age report")
-        return buffer.getvalue()
+            model = {k: self.model_info[k] for k in ("name", "boneage_version", "weights_sha256")}
+            return build_pdf(path, row, model, patient, paper)
 
 
 def _attachment(content: bytes, media_type: str, filename: str) -> Any:
@@ -340,7 +394,7 @@ def create_app(
         max_pending: readings running or waiting at once; the next gets 503 with ``Retry-After``.
     """
     try:
-        from fastapi import File, Form, Request, UploadFile
+        from fastapi import File, Form, Query, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse, Response
         from fastapi_offline import FastAPIOffline
         from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -432,6 +486,10 @@ def create_app(
         """Liveness and the loaded model (answered on the event loop, never behind the readings in the threads)."""
         return {"status": "ok", "model": service.model_info, "pending": service.pending}
 
+    PatientForm = Annotated[  # noqa: N806
+        str | None, Form(description="for the report's identification (PDF, FHIR); wins over the DICOM header")
+    ]
+
     @app.post("/api/v1/predict", responses=ERROR_RESPONSES)
     def predict(
         file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
@@ -441,10 +499,27 @@ def create_app(
             bool, Form(description="also return the radiograph and its Grad-CAM overlay as PNG base64")
         ] = False,
         reader_bone_age_months: ReadingForm = None,
-    ) -> dict[str, Any]:
+        format: Annotated[
+            str, Query(description="json (the report) or fhir (a FHIR R4 Observation, application/fhir+json)")
+        ] = "json",
+        patient_id: PatientForm = None,
+        patient_name: PatientForm = None,
+        study_date: PatientForm = None,
+    ) -> Any:
         """Bone age (months), 90% interval, stage; with a chronological age also BA - CA, SDS and the call; with the
-        reader's own bone age, the difference and whether it lies outside the interval."""
+        reader's own bone age, the difference and whether it lies outside the interval. With ``?format=fhir`` the
+        same reading as a FHIR R4 Observation (LOINC 85151-9 in months, the interval, age, BA - CA and SDS as
+        components, the call as its interpretation, the model as a contained Device)."""
+        if format not in ("json", "fhir"):
+            raise InputError(422, f"format: expected json or fhir, got {format!r}")
         data = read_upload(file)
+        if format == "fhir":
+            patient = dict(patient_id=patient_id, patient_name=patient_name, study_date=study_date)
+            with service.admitted():
+                resource = service.fhir_observation(
+                    data, sex, chronological_age_months, reader_bone_age_months, patient
+                )
+            return JSONResponse(resource, media_type="application/fhir+json")
         try:
             with service.admitted():
                 return service.predict(data, sex, chronological_age_months, gradcam, reader_bone_age_months)
@@ -465,18 +540,52 @@ def create_app(
             content = service.dicom_report(data, sex, chronological_age_months, reader_bone_age_months)
         return _attachment(content, "application/dicom", "bone-age-report.dcm")
 
+    @app.post("/api/v1/report.sr.dcm", response_class=Response, responses=ERROR_RESPONSES)
+    def structured_report(
+        file: Annotated[UploadFile, File(description="DICOM radiograph of the left hand")],
+        sex: SexForm = None,
+        chronological_age_months: AgeForm = None,
+        reader_bone_age_months: ReadingForm = None,
+    ) -> Response:
+        """The measurements as a DICOM Structured Report (TID 1500 Measurement Report, application/dicom) in the
+        upload's patient and study, referencing it: bone age (LOINC 85151-9, months) with its 90% interval and call,
+        and with an age the chronological age, BA - CA and SDS; the model is the observer device."""
+        data = read_upload(file)
+        with service.admitted():
+            content = service.structured_report(data, sex, chronological_age_months, reader_bone_age_months)
+        return _attachment(content, "application/dicom", "bone-age-sr.dcm")
+
     @app.post("/api/v1/report.pdf", response_class=Response, responses=ERROR_RESPONSES)
     def pdf_report(
         file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph of the left hand")],
         sex: SexForm = None,
         chronological_age_months: AgeForm = None,
         reader_bone_age_months: ReadingForm = None,
+        paper: Annotated[str, Form(description="a4 or letter")] = "a4",
+        patient_name: PatientForm = None,
+        patient_id: PatientForm = None,
+        birth_date: PatientForm = None,
+        accession_number: PatientForm = None,
+        study_date: PatientForm = None,
     ) -> Response:
-        """The report page (radiograph, findings and, with an age, the chart) as a one-page PDF (application/pdf),
-        to print or file; an image that is not assessable gets a page saying so."""
+        """The report page to file as a one-page PDF (application/pdf): identification (from the DICOM header, or
+        these form fields, which win; unknown fields say "not given"), analysis date and time, model and method,
+        findings, the chart of bone age against age, the radiograph, limits and a line for the reviewer; an image
+        that is not assessable gets a page saying so. The text is real text (selectable, searchable)."""
+        patient = dict(
+            patient_name=patient_name,
+            patient_id=patient_id,
+            birth_date=birth_date,
+            accession_number=accession_number,
+            study_date=study_date,
+        )
+        if file.filename:  # a PNG's name is the image's only identifier (a DICOM upload has its SOPInstanceUID)
+            patient["image"] = Path(file.filename).name
         data = read_upload(file)
+        if _suffix_for(data) == ".dcm":
+            patient.pop("image", None)
         with service.admitted():
-            content = service.pdf_report(data, sex, chronological_age_months, reader_bone_age_months)
+            content = service.pdf_report(data, sex, chronological_age_months, reader_bone_age_months, paper, patient)
         return _attachment(content, "application/pdf", "bone-age-report.pdf")
 
     return app
