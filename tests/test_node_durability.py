@@ -211,6 +211,6 @@ def test_no_instance_answered_with_success_is_lost_when_the_node_is_stopped(tiny
         node.wait(timeout=120)
     rows = _rows(output)
     assert sorted(rows["sop_instance_uid"]) == uids, (after_stop, log.read_text()[-2000:])  # each exactly once
-    assert (rows["status"] == "ok").all() and len(list((output / "reports").glob("*.dcm"))) == 20
+    assert (rows["status"] == "ok").all() and len(list((output / "reports").glob("*.dcm"))) == 2 * 20  # picture, SR
     assert not list((output / "received").glob(".*partial"))
     assert np.all([Path(p).is_file() for p in rows["report"]])

@@ -257,7 +257,10 @@ class Listener:
             picture = render_report(path, row, self.model_name)
             reports = [report_dataset(source, picture, row, self.model_name)]
             if row["status"] == "ok" and self.structured_reports:  # the measurements, for systems that read them
-                reports.append(sr_dataset(source, row, self.model))
+                try:
+                    reports.append(sr_dataset(source, row, self.model))
+                except ValueError as err:  # e.g. a film without the UIDs a reference needs: the picture still goes
+                    add_note(row, f"no structured report ({err})")
             for report, column in zip(reports, ("report", "structured_report")):
                 target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
                 report.save_as(target, enforce_file_format=True)
