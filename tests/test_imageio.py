@@ -91,3 +91,5 @@ def test_hand_fill_is_in_the_contract_only_when_set():
     assert contract_from_description(new).hand_fill == (0.9, 0.7)
     with pytest.raises(ConfigError, match="hand_fill: expected two fractions"):
         Config.from_dict({"data": {"hand_fill": [0.9, 1.5]}})
+    with pytest.raises(ValueError, match="hand_fill: expected two fractions"):  # a folder's config.json, unchecked
+        frame_hand(hand(), (0.9, 0.01))

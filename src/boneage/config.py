@@ -156,10 +156,10 @@ class Config:
         if self.data.source_size is not None and self.data.source_size < 8:
             raise ConfigError(f"data.source_size: expected >= 8 pixels or none, got {self.data.source_size}")
         if self.data.hand_fill is not None and (
-            len(self.data.hand_fill) != 2 or not all(0 < fill <= 1 for fill in self.data.hand_fill)
+            len(self.data.hand_fill) != 2 or not all(0.2 <= fill <= 1 for fill in self.data.hand_fill)
         ):
             raise ConfigError(
-                f"data.hand_fill: expected two fractions in (0, 1] (height, width) or none, got {self.data.hand_fill}"
+                f"data.hand_fill: expected two fractions in [0.2, 1] (height, width) or none, got {self.data.hand_fill}"
             )
         if len(self.model.hidden_dims) != len(self.model.dropouts):
             raise ConfigError("model.hidden_dims and model.dropouts must have the same length")

@@ -307,6 +307,8 @@ def frame_hand(image: np.ndarray, hand_fill: Sequence[float]) -> np.ndarray:
     padded with its own background level where it has less. How much of the frame the hand fills is then the same
     however tightly or loosely the film was cropped."""
     fill_y, fill_x = float(hand_fill[0]), float(hand_fill[1])
+    if not (0.2 <= fill_y <= 1 and 0.2 <= fill_x <= 1):  # a smaller fill would blow the frame up 25-fold and more
+        raise ValueError(f"hand_fill: expected two fractions in [0.2, 1] (height, width), got {tuple(hand_fill)}")
     top, bottom, left, right = hand_box(image)
     out_h = max(1, round((bottom - top) / fill_y))
     out_w = max(1, round((right - left) / fill_x))
