@@ -83,12 +83,24 @@ def test_frame_hand_fills_the_asked_fraction_and_pads_with_the_background():
     assert framed[0, 0] == pytest.approx(np.median(image[:3]), abs=0.02)
 
 
+def test_frame_hand_only_above_leaves_a_loosely_framed_film_as_it_is():
+    loose = pad(hand(), 20, 20, 20, 20)
+    assert frame_hand(loose, (0.89, 0.75), only_above=(0.96, 1.0)) is loose
+    tight = hand()[14:-12, 30:-30]  # the hand box fills the whole height: re-framed
+    framed = frame_hand(tight, (0.89, 0.75), only_above=(0.96, 1.0))
+    assert framed.shape != tight.shape
+    assert np.array_equal(framed, frame_hand(tight, (0.89, 0.75)))
+
+
 def test_hand_fill_is_in_the_contract_only_when_set():
     old = {"data_contract": DataConfig(image_size=64).contract()}
     assert "hand_fill" not in old["data_contract"]  # an old folder's config.json is written as it always was
     assert contract_from_description(old).hand_fill is None
     new = {"data_contract": DataConfig(image_size=64, hand_fill=(0.9, 0.7)).contract()}
     assert contract_from_description(new).hand_fill == (0.9, 0.7)
+    assert contract_from_description(new).hand_fill_above is None and "hand_fill_above" not in new["data_contract"]
+    both = {"data_contract": DataConfig(image_size=64, hand_fill=(0.9, 0.7), hand_fill_above=(0.96, 1.0)).contract()}
+    assert contract_from_description(both).hand_fill_above == (0.96, 1.0)
     with pytest.raises(ConfigError, match="hand_fill: expected two fractions"):
         Config.from_dict({"data": {"hand_fill": [0.9, 1.5]}})
     with pytest.raises(ValueError, match="hand_fill: expected two fractions"):  # a folder's config.json, unchecked

@@ -47,6 +47,9 @@ class DataConfig:
     # the height, fraction of the width) of the frame, as it does in the training copies: a film cropped tightly or
     # loosely then reads the same (:func:`boneage.imageio.frame_hand`). None: the film as given.
     hand_fill: tuple[float, float] | None = None
+    # With hand_fill: re-frame only a film whose hand box fills more than this (height, width) of its frame on either
+    # axis (a tight crop), leaving films framed like the training copies as they are. None: re-frame every film.
+    hand_fill_above: tuple[float, float] | None = None
     split_seed: int = 42
     drop_invalid: bool = False  # skip invalid label rows (listed) instead of refusing to train
     cache_images: bool = True  # decode + resize every image once, keep uint8 copies in memory
@@ -63,6 +66,7 @@ class DataConfig:
             "source_size": self.source_size,
             "standardize": self.standardize,
             **({"hand_fill": list(self.hand_fill)} if self.hand_fill is not None else {}),
+            **({"hand_fill_above": list(self.hand_fill_above)} if self.hand_fill_above is not None else {}),
             "color": "grayscale",
             "value_range": [0.0, 1.0],
         }
@@ -160,6 +164,10 @@ class Config:
         ):
             raise ConfigError(
                 f"data.hand_fill: expected two fractions in [0.2, 1] (height, width) or none, got {self.data.hand_fill}"
+            )
+        if self.data.hand_fill_above is not None and len(self.data.hand_fill_above) != 2:
+            raise ConfigError(
+                f"data.hand_fill_above: expected two fractions (height, width) or none, got {self.data.hand_fill_above}"
             )
         if len(self.model.hidden_dims) != len(self.model.dropouts):
             raise ConfigError("model.hidden_dims and model.dropouts must have the same length")
@@ -291,4 +299,5 @@ def contract_from_description(description: dict[str, Any]) -> DataConfig:
         standardize=bool(contract.get("standardize", False)),
         # absent in folders written before it existed: those read the film as given, as they always did
         hand_fill=tuple(contract["hand_fill"]) if contract.get("hand_fill") is not None else None,
+        hand_fill_above=tuple(contract["hand_fill_above"]) if contract.get("hand_fill_above") is not None else None,
     )

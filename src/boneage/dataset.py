@@ -55,7 +55,7 @@ def load_resized(path: str | Path, contract: DataConfig) -> torch.Tensor:
     """
     array = read_image(path)
     if contract.hand_fill is not None:
-        array = frame_hand(array, contract.hand_fill)
+        array = frame_hand(array, contract.hand_fill, contract.hand_fill_above)
     image = torch.from_numpy(array)[None]  # (1, H, W)
     if contract.source_size is not None:
         image = resize(image, contract.source_size, contract.resize_mode).clamp_(0.0, 1.0)

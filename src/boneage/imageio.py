@@ -301,22 +301,25 @@ def hand_box(image: np.ndarray) -> tuple[int, int, int, int]:
     return max(0, top), min(height, bottom), max(0, left), min(width, right)
 
 
-def frame_hand(image: np.ndarray, hand_fill: Sequence[float]) -> np.ndarray:
+def frame_hand(image: np.ndarray, hand_fill: Sequence[float], only_above: Sequence[float] | None = None) -> np.ndarray:
     """Re-frame a radiograph so that the box around its hand fills ``hand_fill`` = (fraction of the height, fraction
     of the width) of the frame, the hand in the middle: the film is cropped where it has more margin than that and
     padded with its own background level where it has less. How much of the frame the hand fills is then the same
-    however tightly or loosely the film was cropped."""
+    however tightly or loosely the film was cropped. With ``only_above`` = (height, width) fractions, a film whose hand
+    box fills no more than those on both axes is returned as it is: only tight crops are re-framed."""
     fill_y, fill_x = float(hand_fill[0]), float(hand_fill[1])
     if not (0.2 <= fill_y <= 1 and 0.2 <= fill_x <= 1):  # a smaller fill would blow the frame up 25-fold and more
         raise ValueError(f"hand_fill: expected two fractions in [0.2, 1] (height, width), got {tuple(hand_fill)}")
     top, bottom, left, right = hand_box(image)
+    height, width = image.shape
+    if only_above is not None and (bottom - top) <= only_above[0] * height and (right - left) <= only_above[1] * width:
+        return image
     out_h = max(1, round((bottom - top) / fill_y))
     out_w = max(1, round((right - left) / fill_x))
     # the frame's origin in the image's coordinates: the hand box centred in it
     origin_y = (top + bottom - out_h) // 2
     origin_x = (left + right - out_w) // 2
     out = np.full((out_h, out_w), background_level(image), dtype=np.float32)
-    height, width = image.shape
     src_top, src_bottom = max(0, origin_y), min(height, origin_y + out_h)
     src_left, src_right = max(0, origin_x), min(width, origin_x + out_w)
     out[src_top - origin_y : src_bottom - origin_y, src_left - origin_x : src_right - origin_x] = image[
@@ -331,7 +334,7 @@ def preprocess_array(path: str | Path, contract: Any) -> np.ndarray:
     clip to [0, 1], normalise with the contract (:func:`boneage.dataset.preprocess` without PyTorch)."""
     image = read_image(path)
     if contract.hand_fill is not None:
-        image = frame_hand(image, contract.hand_fill)
+        image = frame_hand(image, contract.hand_fill, contract.hand_fill_above)
     if contract.source_size is not None:
         image = resize_array(image, int(contract.source_size), contract.resize_mode).clip(0.0, 1.0)
     image = resize_array(image, int(contract.image_size), contract.resize_mode).clip(0.0, 1.0)
