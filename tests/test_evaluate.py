@@ -9,6 +9,7 @@ import pytest
 from boneage.cli import main
 from boneage.errors import DataValidationError
 from boneage.evaluate import evaluate
+from boneage.imageio import STAGE_NAMES
 from boneage.labels import stage_of
 from boneage.metrics import bootstrap_intervals, headline, quadratic_weighted_kappa, regression_metrics, stage_metrics
 
@@ -343,3 +344,31 @@ def test_report_command_gathers_every_figure(tmp_path):
     assert "selection metrics" in page
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_scored"] == 12 and "agreement_with_regression" in metrics["stage"]
+
+
+def test_per_stage_bias_intervals_show_the_pull_towards_the_mean(tmp_path):
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(0, 228, 400)
+    predicted = 127.0 + 0.85 * (truth - 127.0) + rng.normal(0, 6, truth.size)  # shrunk towards the mean age
+    male = rng.random(truth.size) < 0.5
+    by_stage = bootstrap_intervals(truth, predicted, male)["mean_signed_error_by_stage_months"]
+    assert set(by_stage) == set(STAGE_NAMES)  # every stage has at least 20 images here
+    assert by_stage["Infant/Toddler"][0] > 0 and by_stage["Adolescent"][1] < 0  # the young over-, the old under-read
+    for index, name in enumerate(STAGE_NAMES):
+        mask = stage_of(truth) == index
+        assert by_stage[name][0] < (predicted - truth)[mask].mean() < by_stage[name][1]
+    few = bootstrap_intervals(truth[:30], predicted[:30], male[:30])  # fewer than 20 in a stage: no interval
+    assert all(
+        np.sum(stage_of(truth[:30]) == STAGE_NAMES.index(name)) >= 20
+        for name in few.get("mean_signed_error_by_stage_months", {})
+    )
+    labels, preds = tmp_path / "labels.csv", tmp_path / "preds.csv"
+    ids = [str(i) for i in range(truth.size)]
+    pd.DataFrame({"id": ids, "boneage": truth, "male": male}).to_csv(labels, index=False)
+    pd.DataFrame({"id": ids, "bone_age_months": predicted}).to_csv(preds, index=False)
+    evaluate(preds, labels, tmp_path / "out", figures=False)
+    low, high = by_stage["Adolescent"]
+    assert (
+        f"bias {(predicted - truth)[stage_of(truth) == 3].mean():+.2f} ({low:+.2f} to {high:+.2f})"
+        in (tmp_path / "out" / "report.txt").read_text()
+    )

@@ -7,8 +7,9 @@ import pytest
 from boneage.cli import main
 from boneage.config import DataConfig, ModelConfig
 from boneage.model import BoneAgeNet, load_model_folder, save_model_folder
+from boneage.model_folder import correct_months
 from boneage.predict import predict_paths
-from boneage.uncertainty import calibrate_interval, conformal_half_width, store_interval
+from boneage.uncertainty import calibrate_interval, conformal_half_width, fit_stretch_correction, store_interval
 from tests.helpers import write_rsna_folder
 
 
@@ -58,3 +59,30 @@ def test_stored_interval_reaches_the_prediction_csv(tmp_path):
         == 0
     )
     assert load_model_folder(folder)[1]["uncertainty"]["evaluation"]["n"] == 12
+
+
+def test_stretch_correction_undoes_the_pull_towards_the_mean_on_the_other_half(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 800
+    truth = rng.uniform(6, 222, n)
+    predicted = 127.0 + 0.8 * (truth - 127.0) + rng.normal(0, 6, n)  # the young read old, the old read young
+    ids = [str(i) for i in range(n)]
+    labels, preds = tmp_path / "labels.csv", tmp_path / "preds.csv"
+    pd.DataFrame({"id": ids, "boneage": truth, "male": rng.random(n) < 0.5}).to_csv(labels, index=False)
+    pd.DataFrame({"id": ids, "bone_age_months": predicted, "status": "ok"}).to_csv(preds, index=False)
+    correction = fit_stretch_correction(preds, labels)
+    slope, intercept = correction["male"]
+    assert correction["female"] == correction["male"]
+    assert slope == pytest.approx(1 / 0.8, rel=0.05) and intercept == pytest.approx(127.0 - 127.0 / 0.8, abs=3)
+    held = correction["evaluation"]
+    assert held["n"] + correction["fit_on"]["n"] == n  # fit on one half, measured on the other
+    assert held["bias_by_reference_stage_uncorrected"]["Infant/Toddler"] > 10
+    assert held["bias_by_reference_stage_uncorrected"]["Adolescent"] < -10
+    assert all(abs(bias) < 2 for bias in held["bias_by_reference_stage"].values())
+    # in the model folder's form, applied by correct_months at prediction time
+    corrected = correct_months(predicted, np.ones(n, bool), {"output": {"correction": correction}})
+    assert np.abs(corrected - truth).mean() < np.abs(predicted - truth).mean()
+    flat = pd.DataFrame({"id": ids, "bone_age_months": 100 - 0.1 * truth, "status": "ok"})
+    flat.to_csv(preds, index=False)
+    with pytest.raises(ValueError, match="do not rise with the reference age"):
+        fit_stretch_correction(preds, labels)

@@ -43,6 +43,13 @@ class DataConfig:
     # Per-image intensity standardisation (zero mean, unit SD over the whole image) instead of the fixed mean/std:
     # the model then sees the same input whatever the film's brightness and contrast.
     standardize: bool = False
+    # Re-frame every film around its hand before any resize so that the box around the hand fills this (fraction of
+    # the height, fraction of the width) of the frame, as it does in the training copies: a film cropped tightly or
+    # loosely then reads the same (:func:`boneage.imageio.frame_hand`). None: the film as given.
+    hand_fill: tuple[float, float] | None = None
+    # With hand_fill: re-frame only a film whose hand box fills more than this (height, width) of its frame on either
+    # axis (a tight crop), leaving films framed like the training copies as they are. None: re-frame every film.
+    hand_fill_above: tuple[float, float] | None = None
     split_seed: int = 42
     drop_invalid: bool = False  # skip invalid label rows (listed) instead of refusing to train
     cache_images: bool = True  # decode + resize every image once, keep uint8 copies in memory
@@ -58,6 +65,8 @@ class DataConfig:
             "std": list(self.std),
             "source_size": self.source_size,
             "standardize": self.standardize,
+            **({"hand_fill": list(self.hand_fill)} if self.hand_fill is not None else {}),
+            **({"hand_fill_above": list(self.hand_fill_above)} if self.hand_fill_above is not None else {}),
             "color": "grayscale",
             "value_range": [0.0, 1.0],
         }
@@ -150,6 +159,16 @@ class Config:
             raise ConfigError(f"data.image_size: expected >= 32 pixels, got {self.data.image_size}")
         if self.data.source_size is not None and self.data.source_size < 8:
             raise ConfigError(f"data.source_size: expected >= 8 pixels or none, got {self.data.source_size}")
+        if self.data.hand_fill is not None and (
+            len(self.data.hand_fill) != 2 or not all(0.2 <= fill <= 1 for fill in self.data.hand_fill)
+        ):
+            raise ConfigError(
+                f"data.hand_fill: expected two fractions in [0.2, 1] (height, width) or none, got {self.data.hand_fill}"
+            )
+        if self.data.hand_fill_above is not None and len(self.data.hand_fill_above) != 2:
+            raise ConfigError(
+                f"data.hand_fill_above: expected two fractions (height, width) or none, got {self.data.hand_fill_above}"
+            )
         if len(self.model.hidden_dims) != len(self.model.dropouts):
             raise ConfigError("model.hidden_dims and model.dropouts must have the same length")
         if self.model.target_scale <= 0:
@@ -278,4 +297,7 @@ def contract_from_description(description: dict[str, Any]) -> DataConfig:
         std=tuple(contract["std"]),
         source_size=contract.get("source_size"),  # absent in folders written before these two fields existed
         standardize=bool(contract.get("standardize", False)),
+        # absent in folders written before it existed: those read the film as given, as they always did
+        hand_fill=tuple(contract["hand_fill"]) if contract.get("hand_fill") is not None else None,
+        hand_fill_above=tuple(contract["hand_fill_above"]) if contract.get("hand_fill_above") is not None else None,
     )

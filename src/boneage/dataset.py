@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from boneage.config import AugmentConfig, DataConfig
-from boneage.imageio import STAGE_EDGES_MONTHS, STANDARDIZE_EPS, read_image
+from boneage.imageio import STAGE_EDGES_MONTHS, STANDARDIZE_EPS, frame_hand, read_image
 
 
 def stage_tensor(age_months: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,13 @@ def resize(image: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor
 def load_resized(path: str | Path, contract: DataConfig) -> torch.Tensor:
     """Decode and resize one image to the model's square input: (1, S, S) float in [0, 1].
 
-    With a ``source_size`` the image first goes to that square, as the training copies were made.
+    With a ``hand_fill`` the film is first re-framed around its hand (:func:`boneage.imageio.frame_hand`); with a
+    ``source_size`` it then goes to that square, as the training copies were made.
     """
-    image = torch.from_numpy(read_image(path))[None]  # (1, H, W)
+    array = read_image(path)
+    if contract.hand_fill is not None:
+        array = frame_hand(array, contract.hand_fill, contract.hand_fill_above)
+    image = torch.from_numpy(array)[None]  # (1, H, W)
     if contract.source_size is not None:
         image = resize(image, contract.source_size, contract.resize_mode).clamp_(0.0, 1.0)
     return resize(image, contract.image_size, contract.resize_mode).clamp_(0.0, 1.0)

@@ -20,6 +20,9 @@ STAGE_NAMES = ("Infant/Toddler", "Child", "Pre-adolescent", "Adolescent")
 STAGE_EDGES_MONTHS = (60.0, 120.0, 180.0)
 MAX_IMAGE_PIXELS = 50_000_000  # ~7000 x 7000; a larger image is refused, not decoded
 STANDARDIZE_EPS = 1e-3  # floor on an image's SD when standardising: a flat image is not blown up to noise
+HAND_SEARCH_SIZE = 96  # the hand is found on a copy this long on its long side: fast, and the same on every film size
+HAND_THRESHOLD = 0.25  # foreground: brighter than the background by this fraction of (99th percentile - background)
+BORDER_FRACTION = 0.05  # the background level is the median of this outer ring of the frame
 _TRUE = {"true", "1", "m", "male", "yes", "t"}
 _FALSE = {"false", "0", "f", "female", "no"}
 # Headers read as the same field (any case), so the RSNA challenge's own files work as given: the training CSV
@@ -273,10 +276,118 @@ def resize_array(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarr
     return out
 
 
+def _fit_long_side(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    height, width = image.shape
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return np.asarray(Image.fromarray(image, mode="F").resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+
+
+def background_level(image: np.ndarray) -> float:
+    """The film's background intensity: the median of its outer ring (:data:`BORDER_FRACTION` of each side)."""
+    height, width = image.shape
+    ring_h, ring_w = max(1, round(height * BORDER_FRACTION)), max(1, round(width * BORDER_FRACTION))
+    ring = np.concatenate(
+        [
+            image[:ring_h].ravel(),
+            image[-ring_h:].ravel(),
+            image[ring_h:-ring_h, :ring_w].ravel(),
+            image[ring_h:-ring_h, -ring_w:].ravel(),
+        ]
+    )
+    return float(np.median(ring))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a small boolean mask (a breadth-first fill per component)."""
+    from collections import deque
+
+    height, width = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    best: list[tuple[int, int]] = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        component, queue = [start], deque([start])
+        while queue:
+            row, col = queue.popleft()
+            for next_row, next_col in ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)):
+                if 0 <= next_row < height and 0 <= next_col < width:
+                    if mask[next_row, next_col] and not seen[next_row, next_col]:
+                        seen[next_row, next_col] = True
+                        component.append((next_row, next_col))
+                        queue.append((next_row, next_col))
+        if len(component) > len(best):
+            best = component
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        rows, cols = zip(*best)
+        out[list(rows), list(cols)] = True
+    return out
+
+
+def hand_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """The box around the hand in an (H, W) image in [0, 1]: ``(top, bottom, left, right)`` in pixels, bottom and
+    right exclusive; the whole frame when no hand stands out from the background.
+
+    The hand is the largest connected region brighter than the background (the median of the frame's outer ring) by
+    :data:`HAND_THRESHOLD` of the way to the image's 99th percentile, found on a copy :data:`HAND_SEARCH_SIZE` pixels
+    long, so a 100-px training copy and a 2,000-px film are searched alike. Side markers and labels are separate,
+    smaller regions and are left out.
+    """
+    height, width = image.shape
+    small = _fit_long_side(image, HAND_SEARCH_SIZE)
+    background = background_level(small)
+    bright = float(np.percentile(small, 99))
+    if bright - background < 0.02:  # a flat film: nothing to find
+        return 0, height, 0, width
+    hand = _largest_component(small > background + HAND_THRESHOLD * (bright - background))
+    if hand.sum() < 0.01 * hand.size:
+        return 0, height, 0, width
+    rows, cols = np.nonzero(hand.any(axis=1))[0], np.nonzero(hand.any(axis=0))[0]
+    scale_y, scale_x = height / small.shape[0], width / small.shape[1]
+    top, bottom = int(np.floor(rows[0] * scale_y)), int(np.ceil((rows[-1] + 1) * scale_y))
+    left, right = int(np.floor(cols[0] * scale_x)), int(np.ceil((cols[-1] + 1) * scale_x))
+    return max(0, top), min(height, bottom), max(0, left), min(width, right)
+
+
+def frame_hand(image: np.ndarray, hand_fill: Sequence[float], only_above: Sequence[float] | None = None) -> np.ndarray:
+    """Re-frame a radiograph so that the box around its hand fills ``hand_fill`` = (fraction of the height, fraction
+    of the width) of the frame, the hand in the middle: the film is cropped where it has more margin than that and
+    padded with its own background level where it has less. How much of the frame the hand fills is then the same
+    however tightly or loosely the film was cropped. With ``only_above`` = (height, width) fractions, a film whose hand
+    box fills no more than those on both axes is returned as it is: only tight crops are re-framed."""
+    fill_y, fill_x = float(hand_fill[0]), float(hand_fill[1])
+    if not (0.2 <= fill_y <= 1 and 0.2 <= fill_x <= 1):  # a smaller fill would blow the frame up 25-fold and more
+        raise ValueError(f"hand_fill: expected two fractions in [0.2, 1] (height, width), got {tuple(hand_fill)}")
+    top, bottom, left, right = hand_box(image)
+    height, width = image.shape
+    if only_above is not None and (bottom - top) <= only_above[0] * height and (right - left) <= only_above[1] * width:
+        return image
+    out_h = max(1, round((bottom - top) / fill_y))
+    out_w = max(1, round((right - left) / fill_x))
+    # the frame's origin in the image's coordinates: the hand box centred in it
+    origin_y = (top + bottom - out_h) // 2
+    origin_x = (left + right - out_w) // 2
+    out = np.full((out_h, out_w), background_level(image), dtype=np.float32)
+    src_top, src_bottom = max(0, origin_y), min(height, origin_y + out_h)
+    src_left, src_right = max(0, origin_x), min(width, origin_x + out_w)
+    out[src_top - origin_y : src_bottom - origin_y, src_left - origin_x : src_right - origin_x] = image[
+        src_top:src_bottom, src_left:src_right
+    ]
+    return out
+
+
 def preprocess_array(path: str | Path, contract: Any) -> np.ndarray:
-    """File -> model input (C, S, S) float32: decode, resize (through ``source_size`` when the contract has one),
+    """File -> model input (C, S, S) float32: decode, re-frame around the hand (when the contract has a
+    ``hand_fill``), resize (through ``source_size`` when the contract has one),
     clip to [0, 1], normalise with the contract (:func:`boneage.dataset.preprocess` without PyTorch)."""
     image = read_image(path)
+    if contract.hand_fill is not None:
+        image = frame_hand(image, contract.hand_fill, contract.hand_fill_above)
     if contract.source_size is not None:
         image = resize_array(image, int(contract.source_size), contract.resize_mode).clip(0.0, 1.0)
     image = resize_array(image, int(contract.image_size), contract.resize_mode).clip(0.0, 1.0)

@@ -118,7 +118,9 @@ def bootstrap_intervals(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Percentile bootstrap confidence intervals (images resampled with replacement, ``scipy.stats.bootstrap``) for
-    the MAE, the mean signed error overall and per sex, the female-minus-male MAE difference and the stage QWK: how
+    the MAE, the mean signed error overall, per sex and per true stage (``mean_signed_error_by_stage_months``, stages
+    with at least twice :data:`BOOTSTRAP_MIN_IMAGES` images: the pull towards the mean age shows there), the
+    female-minus-male MAE difference and the stage QWK: how
     far each figure could move on another sample of the same size, so two models or two sexes are not told apart by
     noise.
     """
@@ -148,6 +150,13 @@ def bootstrap_intervals(
         out["mae_female_minus_male_months"] = interval((absolute, male), sex_difference)
         for name, mask in (("male", male), ("female", ~male)):  # each sex's bias, its images resampled
             out[f"mean_signed_error_{name}_months"] = interval((error[mask],), lambda e, axis=-1: np.mean(e, axis=axis))
+    by_stage = {
+        stage_name: interval((error[true_stage == index],), lambda e, axis=-1: np.mean(e, axis=axis))
+        for index, stage_name in enumerate(STAGE_NAMES)
+        if np.sum(true_stage == index) >= 2 * BOOTSTRAP_MIN_IMAGES
+    }
+    if by_stage:
+        out["mean_signed_error_by_stage_months"] = by_stage
     return out
 
 
@@ -379,9 +388,16 @@ def format_report(metrics: dict[str, Any]) -> str:
                 f"gap {matched['mae_gap_months']:.2f}"
             )
         lines += ["", "By true stage"]
+        stage_intervals = (ci or {}).get("mean_signed_error_by_stage_months", {})
         for name, s in metrics["by_stage"].items():
+            bias_interval = (
+                f" ({stage_intervals[name][0]:+.2f} to {stage_intervals[name][1]:+.2f})"
+                if name in stage_intervals
+                else ""
+            )
             lines.append(
                 f"  {name:<15} n={s['n']:<5} MAE {s['mae_months']:.2f}  bias {s['mean_signed_error_months']:+.2f}"
+                + bias_interval
             )
         for sex, stages in metrics.get("by_sex_and_stage", {}).items():
             lines.append(

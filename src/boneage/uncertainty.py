@@ -69,3 +69,60 @@ def calibrate_interval(
 def store_interval(model_dir: str | Path, interval: dict[str, Any]) -> None:
     """Write the calibrated interval into a model folder's config.json (the weights and their checksum stay)."""
     update_description(model_dir, lambda description: description.update(uncertainty=interval))
+
+
+def _scored_halves(predictions: str | Path, labels: str | Path, seed: int) -> tuple[Any, np.ndarray]:
+    """The accepted predictions joined to their labels, and each row's half (``train`` calibrates, ``val`` measures):
+    the same halves as :func:`calibrate_interval` draws from the same file and seed."""
+    preds = read_predictions(predictions)
+    preds = preds[preds["status"] == "ok"].drop(columns=["male"], errors="ignore")
+    joined = preds.merge(read_labels(labels)[["id", "boneage", "male"]], on="id")
+    if len(joined) < 20:
+        raise ValueError(f"{predictions}: {len(joined)} scored images; a calibration needs at least 20")
+    return joined, make_split(joined, fractions=(0.5, 0.5, 0.0), seed=seed)["split"].to_numpy()
+
+
+def fit_stretch_correction(predictions: str | Path, labels: str | Path, seed: int = 0) -> dict[str, Any]:
+    """A linear correction that undoes the model's pull towards the mean age, fit on one half of labelled
+    predictions (e.g. val) and measured on the other.
+
+    A regression network shrinks towards the mean: on average it reads ``a + b * reference`` with ``b < 1``, so the
+    youngest are read too old and the oldest too young. Fitting that line (least squares of the prediction on the
+    reference) and inverting it, ``corrected = (prediction - a) / b``, removes the bias *at each reference age*
+    (what the per-stage bias measures), where regressing the reference on the prediction would lower the MAE but
+    deepen the per-stage bias. The correction is monotone (``b > 0``) and the same for both sexes; it is returned in
+    the model folder's ``output.correction`` form (``[slope, intercept]`` per sex, read by
+    :func:`boneage.model_folder.correct_months`).
+    """
+    joined, halves = _scored_halves(predictions, labels, seed)
+    predicted = joined["bone_age_months"].to_numpy(dtype=float)
+    reference = joined["boneage"].to_numpy(dtype=float)
+    fit = halves == "train"
+    b, a = np.polyfit(reference[fit], predicted[fit], 1)
+    if b <= 0:
+        raise ValueError(f"{predictions}: predictions do not rise with the reference age (slope {b:.3f})")
+    slope, intercept = 1.0 / b, -a / b
+    held = halves == "val"
+    corrected = slope * predicted[held] + intercept
+    stage = stage_of(reference[held])
+
+    def by_stage(values: np.ndarray) -> dict[str, float]:
+        error = values - reference[held]
+        return {
+            name: round(float(error[stage == i].mean()), 3) for i, name in enumerate(STAGE_NAMES) if (stage == i).any()
+        }
+
+    return {
+        "method": "prediction ~ a + b * reference by least squares, inverted: (prediction - a) / b, both sexes",
+        "female": [round(slope, 5), round(intercept, 4)],
+        "male": [round(slope, 5), round(intercept, 4)],
+        "fit_on": {"source": str(predictions), "n": int(fit.sum()), "a": round(float(a), 4), "b": round(float(b), 5)},
+        "evaluation": {
+            "source": "the other half",
+            "n": int(held.sum()),
+            "mae_months": round(float(np.abs(corrected - reference[held]).mean()), 3),
+            "mae_uncorrected_months": round(float(np.abs(predicted[held] - reference[held]).mean()), 3),
+            "bias_by_reference_stage": by_stage(corrected),
+            "bias_by_reference_stage_uncorrected": by_stage(predicted[held]),
+        },
+    }
