@@ -133,3 +133,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's error lines for a file (its warnings are kept out); skips when dicom3tools is not installed."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy missing: apt-get install dicom3tools (.ci/run does)")
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

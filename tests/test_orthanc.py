@@ -1,10 +1,13 @@
 """Against a real PACS: Orthanc (Debian's ``orthanc``, installed by .ci/run) started here on loopback ports with its
 own configuration and storage, and stopped here. Orthanc sends a study to ``boneage listen``; the node's reports (the
 Secondary Capture and the Structured Report) come back into the same study; a resend files nothing twice; and a node
-killed with SIGKILL right after it accepted a batch reads all of it after a restart, every report reaching Orthanc."""
+killed with SIGKILL right after it accepted a batch reads all of it after a restart, every report reaching Orthanc.
+With Orthanc's DICOMweb plugin (Debian's ``orthanc-dicomweb``), ``boneage watch`` finds a new study by QIDO-RS,
+reads it, stores its reports back by STOW-RS (the picture, the SR and the PDF), and a restart reads nothing twice."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import signal
@@ -36,9 +39,30 @@ def wait_for(condition, seconds: float, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+DICOMWEB_PLUGIN = next(
+    (
+        path
+        for path in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
+        if Path(path).is_file()
+    ),
+    None,
+)
+
+
 @pytest.fixture
 def orthanc(tmp_path):
-    """An Orthanc of its own: REST and DICOM on free loopback ports, storage in tmp_path, no plugins."""
+    yield from start_orthanc(tmp_path, plugins=[])
+
+
+@pytest.fixture
+def orthanc_dicomweb(tmp_path):
+    if DICOMWEB_PLUGIN is None:
+        pytest.skip("needs Orthanc's DICOMweb plugin (apt-get install orthanc-dicomweb; .ci/run installs it)")
+    yield from start_orthanc(tmp_path, plugins=[DICOMWEB_PLUGIN])
+
+
+def start_orthanc(tmp_path: Path, plugins: list[str]):
+    """An Orthanc of its own: REST and DICOM on free loopback ports, storage in tmp_path, only the given plugins."""
     http_port, dicom_port, node_port = free_port(), free_port(), free_port()
     config = {
         "Name": "boneage-test",
@@ -49,7 +73,8 @@ def orthanc(tmp_path):
         "DicomAet": "ORTHANC",
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "Plugins": [],
+        "Plugins": plugins,
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "DicomModalities": {"boneage": ["BONEAGE", "127.0.0.1", node_port]},
     }
     (tmp_path / "orthanc.json").write_text(json.dumps(config))
@@ -83,7 +108,7 @@ def start_node(model: Path, output: Path, orthanc: dict) -> subprocess.Popen:
     return process
 
 
-def upload_study(url: str, folder: Path, n: int) -> tuple[str, list[str]]:
+def upload_study(url: str, folder: Path, n: int, **tags) -> tuple[str, list[str]]:
     from pydicom.uid import generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +122,7 @@ def upload_study(url: str, folder: Path, n: int) -> tuple[str, list[str]]:
             PatientAge="009Y",
             StudyInstanceUID=study,
             SeriesInstanceUID=generate_uid(),
-            Modality="CR",
+            **{"Modality": "CR", **tags},
         )
         answer = httpx.post(url + "/instances", content=path.read_bytes(), timeout=30).json()
         ids.append(answer["ID"])
@@ -155,3 +180,56 @@ def test_orthanc_round_trip_resend_and_kill(orthanc, tiny_model, tmp_path):
     finally:
         node.terminate()
         node.wait(timeout=60)
+
+
+def sr_numbers(report) -> dict[str, float]:
+    """Every numeric content item of an SR: concept code -> value (the bone age is LOINC 85151-9)."""
+    found = {}
+
+    def walk(items):
+        for item in items:
+            if item.ValueType == "NUM":
+                found[item.ConceptNameCodeSequence[0].CodeValue] = float(item.MeasuredValueSequence[0].NumericValue)
+            walk(getattr(item, "ContentSequence", []))
+
+    walk(report.ContentSequence)
+    return found
+
+
+def watch_once(model: Path, output: Path, url: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "boneage", "watch", "--dicomweb", f"{url}/dicom-web", "--output", str(output)]
+    command += ["--once", "--body-part", "HAND", "--pdf", "--model", str(model), "--backend", "torch"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_watch_reads_a_dicomweb_archive_and_a_restart_repeats_nothing(orthanc_dicomweb, tiny_model, tmp_path):
+    import csv
+
+    url, output = orthanc_dicomweb["url"], tmp_path / "watch"
+    study, _ = upload_study(url, tmp_path / "hands", 2, BodyPartExamined="HAND")
+    other, _ = upload_study(url, tmp_path / "chest", 1, BodyPartExamined="CHEST")  # not a hand: left alone
+    first = watch_once(tiny_model, output, url)
+    assert first.returncode == 0, first.stderr
+
+    tags = study_instances(url, study)
+    films = {t["SOPInstanceUID"] for t in tags if t.get("Manufacturer") != "boneage"}
+    pictures = [t for t in tags if t.get("Manufacturer") == "boneage" and t.get("Modality") == "OT"]
+    pdfs = [t for t in tags if t.get("Modality") == "DOC"]
+    assert len(films) == 2 and len(pictures) == 2 and len(pdfs) == 2  # a picture, an SR and a PDF per film
+    assert len(tags) == 8 and all(t["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.104.1" for t in pdfs)
+    assert all(t["PatientID"] == "BA-TEST-1" for t in tags) and len(study_instances(url, other)) == 1
+    table = {row["sop_instance_uid"]: row for row in csv.DictReader((output / "results.csv").open())}
+    assert set(table) == films and all(row["sent"] == f"{url}/dicom-web" for row in table.values())
+
+    # the SR in the archive carries the CSV's bone age (its numeric content read back over WADO-RS)
+    for sr in (t for t in tags if t.get("Modality") == "SR"):
+        instance = httpx.post(f"{url}/tools/lookup", content=sr["SOPInstanceUID"], timeout=30).json()[0]["ID"]
+        ds = pydicom.dcmread(io.BytesIO(httpx.get(f"{url}/instances/{instance}/file", timeout=30).content))
+        source = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        film = source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert sr_numbers(ds)["85151-9"] == pytest.approx(float(table[film]["bone_age_months"]), abs=0.05)
+
+    second = watch_once(tiny_model, output, url)  # a restart: nothing read or stored again
+    assert second.returncode == 0, second.stderr
+    assert "0 instance(s) read" in second.stderr
+    assert len(study_instances(url, study)) == 8 and len(list(csv.DictReader((output / "results.csv").open()))) == 2

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
+from tests.helpers import dciodvfy_errors, make_tiny_model, synthetic_radiograph, write_dicom
 
 pytest.importorskip("reportlab")
 pypdf = pytest.importorskip("pypdf")
@@ -145,3 +145,31 @@ def test_predict_pdf_report_takes_identification_from_metadata(tmp_path, capsys)
     text = _text(content)
     assert "CSV-42" in text and "2025-01-01" in text and f"Bone age {predicted:.1f} months" in text
     assert round(float(_pages(content)[0].mediabox.height)) == 792
+
+
+def test_the_page_as_an_encapsulated_pdf_files_into_the_study_and_conforms(tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from boneage.report_pdf import ENCAPSULATED_PDF, pdf_dataset
+
+    study = generate_uid()
+    path = write_dicom(
+        tmp_path / "d.dcm",
+        synthetic_radiograph(100, size=64).astype("uint16") * 16,
+        PatientID="MRN-77",
+        PatientSex="F",
+        StudyInstanceUID=study,
+        SeriesInstanceUID=generate_uid(),
+    )
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    page = build_pdf(path, {**ROW, "path": str(path)}, MODEL)
+    report = pdf_dataset(header, page, "tiny")
+    assert report.SOPClassUID == ENCAPSULATED_PDF and report.StudyInstanceUID == study and report.PatientID == "MRN-77"
+    assert report.SourceInstanceSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert report.SOPInstanceUID == pdf_dataset(header, page, "tiny").SOPInstanceUID  # the same film, the same UID
+    target = tmp_path / "pdf.dcm"
+    report.save_as(target, enforce_file_format=True)
+    again = pydicom.dcmread(target)
+    assert "MRN-77" in _text(bytes(again.EncapsulatedDocument)[: again.EncapsulatedDocumentLength])
+    assert dciodvfy_errors(target) == []

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.helpers import make_tiny_model, synthetic_radiograph, write_dicom
+from tests.helpers import dciodvfy_errors, make_tiny_model, synthetic_radiograph, write_dicom
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
@@ -42,14 +40,6 @@ def _source(path: Path, **tags: object) -> Path:
 
     study = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(), "PatientSex": "F"}
     return write_dicom(path, synthetic_radiograph(120, size=96).astype("uint16") * 16, **{**study, **tags})
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's error lines for a file (its warnings are kept out); skips when dicom3tools is not installed."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy missing: apt-get install dicom3tools (.ci/run does)")
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
 def _content(report) -> dict[str, tuple[float, str]]:

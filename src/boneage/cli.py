@@ -384,7 +384,11 @@ def _add_listen(commands: _Commands) -> None:
     listen.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
     listen.add_argument("--port", type=int, default=11112, help="DICOM port (default: 11112)")
     listen.add_argument("--ae-title", default="BONEAGE", help="this node's AE title (default: BONEAGE)")
-    listen.add_argument("--send-to", help="HOST:PORT[:AE_TITLE] of the node (the PACS) that receives the reports")
+    listen.add_argument(
+        "--send-to",
+        help="where the reports go: HOST:PORT[:AE_TITLE] of a DICOM node (C-STORE), or a DICOMweb base URL "
+        "(STOW-RS; a bearer token from BONEAGE_DICOMWEB_TOKEN)",
+    )
     listen.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
     listen.add_argument("--backend", default="auto", choices=_BACKENDS, help="inference engine")
     listen.add_argument(
@@ -400,6 +404,10 @@ def _add_listen(commands: _Commands) -> None:
     listen.add_argument(
         "--send-attempts", type=int, default=3, help="tries per report sent to --send-to, with back-off (default: 3)"
     )
+    listen.add_argument(
+        "--pdf", action="store_true", help="also send the report page (the PDF report) as a DICOM Encapsulated PDF"
+    )
+    listen.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF's paper (default: a4)")
     listen.set_defaults(func=_run_listen)
 
 
@@ -419,6 +427,65 @@ def _run_listen(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         send_attempts=args.send_attempts,
+        pdf_paper=args.paper if args.pdf else None,
+    )
+    return 0
+
+
+def _add_watch(commands: _Commands) -> None:
+    watch = commands.add_parser(
+        "watch",
+        help="poll a DICOMweb archive for new hand radiographs, read them, store the reports back",
+        description="Every --interval seconds, ask the archive (QIDO-RS) for series of the given modalities (and body "
+        "part, and study dates), retrieve the instances not read yet (WADO-RS), read each as boneage listen does "
+        "(OUTPUT/results.csv, OUTPUT/reports) and store its reports back into the study (STOW-RS). What is done is "
+        "kept in OUTPUT, so a restart neither repeats nor skips. A bearer token for the archive is read from "
+        "BONEAGE_DICOMWEB_TOKEN.",
+    )
+    watch.add_argument("--dicomweb", required=True, metavar="URL", help="the archive's DICOMweb base URL")
+    watch.add_argument("--output", required=True, help="folder for retrieved images, reports, results.csv, state")
+    watch.add_argument(
+        "--modality",
+        action="append",
+        dest="modalities",
+        metavar="CODE",
+        help="series modality to read (repeatable; default: CR and DX)",
+    )
+    watch.add_argument("--body-part", help="only series with this BodyPartExamined, e.g. HAND (default: any)")
+    watch.add_argument("--since", metavar="YYYYMMDD", help="only studies from this date on (default: all)")
+    watch.add_argument(
+        "--send-to",
+        help="where the reports go instead of back to --dicomweb: HOST:PORT[:AE_TITLE] or another DICOMweb URL; "
+        "'none' keeps them in OUTPUT/reports only",
+    )
+    watch.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default: 60)")
+    watch.add_argument("--once", action="store_true", help="poll once and exit (for cron or a systemd timer)")
+    watch.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
+    watch.add_argument("--backend", default="auto", choices=_BACKENDS, help="inference engine")
+    watch.add_argument("--send-attempts", type=int, default=3, help="tries per report send, with back-off (default: 3)")
+    watch.add_argument(
+        "--pdf", action="store_true", help="also send the report page (the PDF report) as a DICOM Encapsulated PDF"
+    )
+    watch.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF's paper (default: a4)")
+    watch.set_defaults(func=_run_watch)
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    from boneage.watch import watch
+
+    watch(
+        url=args.dicomweb,
+        output=args.output,
+        modalities=args.modalities,
+        body_part=args.body_part,
+        since=args.since,
+        send_to="" if (args.send_to or "").lower() == "none" else args.send_to,
+        interval=args.interval,
+        once=args.once,
+        model=args.model,
+        backend=args.backend,
+        send_attempts=args.send_attempts,
+        pdf_paper=args.paper if args.pdf else None,
     )
     return 0
 
@@ -851,6 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_serve(commands)
     _add_listen(commands)
+    _add_watch(commands)
     _add_chart(commands)
     _add_evaluate(commands)
     _add_gradcam(commands)
@@ -878,8 +946,9 @@ def _one_line_error(err: Exception, command: str) -> Exception:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``boneage`` with ``argv`` (default: the process's arguments) and return its exit status.
 
-    Exit status 0: done; 2: bad arguments, input or model (one line on stderr; ``-v`` shows the traceback); 1: stdout
-    closed early; a command may return others (``predict``: 3 when some rows failed; ``validate``: 1).
+    Exit status 0: done; 2: bad arguments, input or model, or a server that cannot be reached (one line on stderr;
+    ``-v`` shows the traceback); 1: stdout closed early; a command may return others (``predict``: 3 when some rows
+    failed; ``validate``: 1).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -892,7 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader stopped reading (`boneage predict ... | head`); the files are already written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 1
-    except (BoneAgeError, ValueError, ImportError, FileNotFoundError, FileExistsError) as err:  # one-line errors
+    except (BoneAgeError, ValueError, ImportError, FileNotFoundError, FileExistsError, ConnectionError) as err:
         if args.verbose:
             raise
         print(f"boneage {args.command}: error: {_one_line_error(err, args.command)}", file=sys.stderr)

@@ -1,11 +1,12 @@
 """PACS integration: the bone-age report as a DICOM object in the radiograph's own study, and a DICOM node for it.
 
-The report is a DICOM Secondary Capture in the source image's study (:mod:`boneage.secondary_capture`) and, for an
-image with a bone age, a Structured Report of the measurements beside it (:mod:`boneage.structured_report`, when
-highdicom is installed). ``Listener``
+The report is a DICOM Secondary Capture in the source image's study (:mod:`boneage.secondary_capture`), for an
+image with a bone age a Structured Report of the measurements beside it (:mod:`boneage.structured_report`, when
+highdicom is installed) and, when asked, the report page as an Encapsulated PDF (:mod:`boneage.report_pdf`).
+``Listener``
 (``boneage listen``) is a DICOM storage node (C-STORE SCP, pynetdicom): every image sent to it is stored, read by
 :meth:`predict_files` (the code path of ``boneage predict``; sex and age from the DICOM header), its row appended to
-``results.csv`` and its report written beside it and, with a destination, sent on by C-STORE.
+``results.csv`` and its reports written beside it and, with a destination, sent on by C-STORE or STOW-RS.
 
 A sender is answered as soon as the file is on disk; reading and sending run on one worker thread, in arrival order.
 Nothing computed is lost when a send fails: the report stays in ``reports/`` and the row says why. The log holds an
@@ -25,11 +26,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from boneage.dicomweb import check_url, connect, is_dicomweb_url, store
 from boneage.imageio import header_patient_info
 from boneage.inputs import header_age
 from boneage.model_folder import model_name as name_of_model
 from boneage.predict import load_predictor
 from boneage.render import render_report
+from boneage.report_pdf import ENCAPSULATED_PDF, PAPERS, build_pdf, pdf_dataset
 from boneage.rows import PREDICTION_COLUMNS, add_note
 from boneage.secondary_capture import SECONDARY_CAPTURE, report_dataset
 from boneage.structured_report import sr_dataset
@@ -46,18 +49,32 @@ COMPRESSED_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",
     "1.2.840.10008.1.2.5",
 )
-RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent", "structured_report"]
+RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent", "structured_report", "pdf_report"]
+REPORT_COLUMNS = ("report", "structured_report", "pdf_report")  # the DICOM objects sent for one instance
 
 
-def parse_destination(text: str) -> tuple[str, int, str]:
-    """``HOST:PORT`` or ``HOST:PORT:AE_TITLE`` -> (host, port, AE title; ``ANY-SCP`` when not given)."""
+def parse_destination(text: str) -> tuple[str, int, str] | str:
+    """``HOST:PORT`` or ``HOST:PORT:AE_TITLE`` -> (host, port, AE title; ``ANY-SCP`` when not given), for C-STORE;
+    a DICOMweb base URL (``http(s)://...``) -> the URL, for STOW-RS."""
+    if is_dicomweb_url(text):
+        return check_url(text, "--send-to")
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
-        raise ValueError(f"--send-to: expected HOST:PORT or HOST:PORT:AE_TITLE, got {text!r}")
+        raise ValueError(f"--send-to: expected HOST:PORT[:AE_TITLE] or a DICOMweb URL (http://...), got {text!r}")
     title = parts[2] if len(parts) == 3 else "ANY-SCP"
     if not 0 < len(title) <= 16:
         raise ValueError(f"--send-to: an AE title has 1 to 16 characters, got {title!r}")
     return parts[0], int(parts[1]), title
+
+
+def is_uid(text: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (safe as a file name)."""
+    return 0 < len(text) <= 64 and text.replace(".", "").isdigit() and not text.startswith(".")
+
+
+def describe_destination(destination: tuple[str, int, str] | str) -> str:
+    """How a row's ``sent`` names where the reports went: ``AE@host:port`` or the DICOMweb URL."""
+    return destination if isinstance(destination, str) else "{2}@{0}:{1}".format(*destination)
 
 
 def send_dataset(ds: Any, destination: tuple[str, int, str], calling_title: str = "BONEAGE") -> None:
@@ -86,7 +103,10 @@ class Listener:
         predictor: a loaded predictor (:func:`boneage.predict.load_predictor`).
         output: folder for ``received/``, ``reports/`` and ``results.csv`` (created).
         ae_title: this node's AE title.
-        destination: where reports are sent, ``(host, port, AE title)``, or None to keep them on disk only.
+        destination: where reports are sent: ``(host, port, AE title)`` for C-STORE, a DICOMweb base URL for
+            STOW-RS, or None to keep them on disk only.
+        pdf_paper: ``a4`` or ``letter`` to add the report page (:func:`boneage.report_pdf.build_pdf`) as a DICOM
+            Encapsulated PDF beside the other reports; None for no PDF.
     """
 
     def __init__(
@@ -94,12 +114,13 @@ class Listener:
         predictor: Any,
         output: str | Path,
         ae_title: str = "BONEAGE",
-        destination: tuple[str, int, str] | None = None,
+        destination: tuple[str, int, str] | str | None = None,
         *,
         allowed_calling_aets: list[str] | None = None,
         send_attempts: int = 3,
         retry_seconds: float = 2.0,
         tls: Any = None,
+        pdf_paper: str | None = None,
     ):
         self.predictor = predictor
         self.output = Path(output)
@@ -109,6 +130,12 @@ class Listener:
         self.send_attempts = max(1, send_attempts)
         self.retry_seconds = retry_seconds
         self.tls = tls  # an ssl.SSLContext for the server side, or None
+        if pdf_paper is not None:
+            if pdf_paper not in PAPERS:
+                raise ValueError(f"--paper: one of {', '.join(PAPERS)}, got {pdf_paper!r}")
+            if importlib.util.find_spec("reportlab") is None:
+                raise ImportError("the PDF report needs reportlab: pip install 'boneage[report]'")
+        self.pdf_paper = pdf_paper  # a4 or letter: also send the report page as an Encapsulated PDF; None: not
         self.model_name = name_of_model(predictor.model_dir)
         description = getattr(predictor, "description", {}) or {}
         self.model = {
@@ -128,6 +155,7 @@ class Listener:
         self._lock = threading.Lock()
         self._results_lock = threading.Lock()
         self._server: Any = None
+        self._stow: Any = None  # the DICOMweb client, made at the first STOW-RS
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------------------------------------- DICOM side
@@ -137,18 +165,10 @@ class Listener:
             ds = event.dataset
             ds.file_meta = event.file_meta
             uid = str(ds.SOPInstanceUID)
-            if not uid.replace(".", "").isdigit():
+            if not is_uid(uid):
                 logger.warning("rejected an instance with a malformed SOP Instance UID")
                 return 0xA900  # dataset does not match SOP class
-            path = self.output / "received" / f"{uid}.dcm"
-            # whole or not at all: a stop mid-write leaves no half file under the instance's name, and an instance
-            # answered with success is on disk (a resend of the same UID replaces it)
-            partial = path.with_name(f".{uid}.{threading.get_ident()}.partial")
-            with open(partial, "wb") as handle:
-                ds.save_as(handle, enforce_file_format=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
+            path = self.keep(ds, uid)
         except Exception as err:  # any failure to decode or store is answered, never raised into pynetdicom
             logger.warning("could not store a received instance: %s", type(err).__name__)
             return 0xC000  # cannot understand
@@ -157,6 +177,20 @@ class Listener:
             logger.info("instance %d stored", self._count)
         self._queue.put(path)
         return 0x0000
+
+    def keep(self, ds: Any, uid: str) -> Path:
+        """Write a received instance to ``received/UID.dcm``, whole or not at all: a stop mid-write leaves no half
+        file under the instance's name, and an instance answered with success is on disk (a resend replaces it)."""
+        if not is_uid(uid):  # it names a file: digits and dots only, never a path
+            raise ValueError("a malformed SOP Instance UID (digits and dots expected)")
+        path = self.output / "received" / f"{uid}.dcm"
+        partial = path.with_name(f".{uid}.{threading.get_ident()}.partial")
+        with open(partial, "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+        return path
 
     def start(self, host: str = "0.0.0.0", port: int = 11112, block: bool = True) -> None:
         """Listen on ``host:port``. ``block=False`` returns once listening (stop with :meth:`stop`)."""
@@ -252,19 +286,26 @@ class Listener:
             row["message"] = f"{path}: sex unknown: no PatientSex (M or F) in the DICOM header, where the node reads it"
         add_note(row, age_note)
         row["sop_instance_uid"] = str(source.SOPInstanceUID)
-        row["report"], row["sent"], row["structured_report"] = "", "", ""
+        row.update(report="", sent="", structured_report="", pdf_report="")
         if row["status"] in ("ok", "not assessable"):
             picture = render_report(path, row, self.model_name)
-            reports = [report_dataset(source, picture, row, self.model_name)]
+            reports = [("report", report_dataset(source, picture, row, self.model_name))]
             if row["status"] == "ok" and self.structured_reports:  # the measurements, for systems that read them
                 try:
-                    reports.append(sr_dataset(source, row, self.model))
+                    reports.append(("structured_report", sr_dataset(source, row, self.model)))
                 except ValueError as err:  # e.g. a film without the UIDs a reference needs: the picture still goes
                     add_note(row, f"no structured report ({err})")
-            for report, column in zip(reports, ("report", "structured_report")):
+            if self.pdf_paper:  # the page to file, as the CLI and the API make it, as an Encapsulated PDF
+                try:
+                    page = build_pdf(path, row, self.model, paper=self.pdf_paper)
+                    reports.append(("pdf_report", pdf_dataset(source, page, self.model_name)))
+                except (OSError, ValueError) as err:
+                    add_note(row, f"no PDF report ({err})")
+            for column, report in reports:
                 target = self.output / "reports" / f"{report.SOPInstanceUID}.dcm"
                 report.save_as(target, enforce_file_format=True)
                 row[column] = str(target)
+            reports = [report for _, report in reports]
             if self.destination is not None:
                 row["sent"] = self._send(reports)
         self._record(row)
@@ -289,19 +330,47 @@ class Listener:
             logger.warning("%s has other columns (an earlier version's): kept as %s", self.results, kept.name)
 
     def _send(self, reports: list[Any]) -> str:
-        """C-STORE the reports, retried with back-off (a report already stored is stored again under its same UID,
-        which the receiver replaces); the row's ``sent``: where they went, or why they did not."""
+        """Send the reports (C-STORE, or STOW-RS to a DICOMweb URL), retried with back-off (a report already stored
+        is stored again under its same UID, which the receiver replaces); the row's ``sent``: where they went, or
+        why they did not."""
         for attempt in range(1, self.send_attempts + 1):
             try:
-                for report in reports:
-                    send_dataset(report, self.destination, self.ae_title)  # type: ignore[arg-type]
-                return "{2}@{0}:{1}".format(*self.destination)  # type: ignore[str-format]
+                if isinstance(self.destination, str):
+                    self._stow = self._stow or connect(self.destination)
+                    store(self._stow, reports)
+                else:
+                    for report in reports:
+                        send_dataset(report, self.destination, self.ae_title)  # type: ignore[arg-type]
+                return describe_destination(self.destination)  # type: ignore[arg-type]
             except (ConnectionError, OSError, RuntimeError) as err:
                 if attempt == self.send_attempts:
                     return f"failed after {attempt} attempt(s): {err}"
                 logger.warning("report send failed (attempt %d of %d); retrying", attempt, self.send_attempts)
                 time.sleep(self.retry_seconds * 2 ** (attempt - 1))
         return "failed"
+
+    def resend_failed(self) -> int:
+        """Send again the reports of every row whose send failed (the destination was down), from ``reports/``;
+        returns how many rows now say sent."""
+        if self.destination is None:
+            return 0
+        import pydicom
+
+        sent = 0
+        for row in list(self._rows_by_uid().values()):
+            if not row.get("sent", "").startswith("failed"):
+                continue
+            files = [Path(row[column]) for column in REPORT_COLUMNS if row.get(column)]
+            if not files or not all(path.is_file() for path in files):
+                continue
+            row["sent"] = self._send([pydicom.dcmread(path) for path in files])
+            self._record(row)
+            sent += not row["sent"].startswith("failed")
+        return sent
+
+    def done(self) -> set[str]:
+        """The SOP Instance UIDs that have a row in ``results.csv``."""
+        return set(self._rows_by_uid())
 
     def _rows_by_uid(self) -> dict[str, dict[str, str]]:
         if not self.results.is_file():
@@ -334,10 +403,10 @@ class Listener:
 
 
 def _is_own_report(header: Any) -> bool:
-    """Whether an instance is a report this package wrote, its Secondary Capture or its Structured Report (a PACS may
-    forward the whole study back)."""
+    """Whether an instance is a report this package wrote, its Secondary Capture, Structured Report or Encapsulated
+    PDF (a PACS may forward the whole study back)."""
     sop_class = str(header.get("SOPClassUID", ""))
-    is_report = sop_class == SECONDARY_CAPTURE or sop_class.startswith(SR_STORAGE_PREFIX)
+    is_report = sop_class in (SECONDARY_CAPTURE, ENCAPSULATED_PDF) or sop_class.startswith(SR_STORAGE_PREFIX)
     return str(header.get("Manufacturer", "")) == "boneage" and is_report
 
 
@@ -355,6 +424,7 @@ def listen(
     tls_key: str | Path | None = None,
     tls_ca: str | Path | None = None,
     send_attempts: int = 3,
+    pdf_paper: str | None = None,
 ) -> None:
     """``boneage listen``: load the model and serve until interrupted (Ctrl-C) or stopped (SIGTERM); what was
     received and not yet read is read first, and what a hard stop left unread is read at the next start.
@@ -364,6 +434,7 @@ def listen(
         tls_cert, tls_key: serve DICOM over TLS with this certificate and key; ``tls_ca``: also require client
             certificates signed by this CA.
         send_attempts: tries per report send, with back-off between them.
+        pdf_paper: ``a4`` or ``letter``: also send the report page as a DICOM Encapsulated PDF.
     """
     destination = parse_destination(send_to) if send_to else None
     if not 0 < len(ae_title) <= 16:
@@ -391,6 +462,7 @@ def listen(
         allowed_calling_aets=allowed_calling_aets,
         send_attempts=send_attempts,
         tls=tls,
+        pdf_paper=pdf_paper,
     )
     listener.start(host, port, block=True)
 

@@ -3,7 +3,8 @@ with reportlab. The page holds who and what was read (patient name, ID, birth da
 date, study and image identifiers: from the DICOM header, a metadata CSV or the API's form), when and with which
 model (name, version, weights checksum), the method (Greulich & Pyle reference, Brush Foundation SDs), the findings
 (:func:`boneage.render.findings`), the chart of bone age against age (vector, with axis titles and a legend), the
-radiograph, the limits in one sentence and a line for the reviewer's name and date.
+radiograph, the limits in one sentence and a line for the reviewer's name and date. For a PACS, the same page as a
+DICOM Encapsulated PDF in the radiograph's study (:func:`pdf_dataset`).
 
 Identifiers go onto the page only: nothing here logs them.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from boneage import __version__
 from boneage.clinical import REFERENCE, SDS_LIMIT, reference_band
+from boneage.dicom_study import derived_uid, file_meta, in_source_study
 from boneage.imageio import read_image
 from boneage.inputs import IDENTIFICATION_FIELDS, identification
 from boneage.render import CALL_COLOURS, CHART_MAX_MONTHS, LIGHT, findings
@@ -376,3 +378,47 @@ def write_pdf_reports(
             continue
         written.append(target)
     return written, problems
+
+
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+PDF_SERIES_NUMBER = 9903
+
+
+def pdf_dataset(source: Any, pdf: bytes, model_name: str) -> Any:
+    """The report page (``pdf``, from :func:`build_pdf`) as a DICOM Encapsulated PDF in ``source``'s patient and
+    study, a new series, referencing the source instance; its UIDs follow from the source's, as the Secondary
+    Capture's do. Document title LOINC 18748-4 "Diagnostic imaging study". BurnedInAnnotation is YES: the page names
+    the patient."""
+    import pydicom
+    from pydicom.sequence import Sequence as DicomSequence
+
+    now = datetime.now()
+    ds = in_source_study(source)
+    ds.SOPClassUID = ENCAPSULATED_PDF
+    ds.SOPInstanceUID = derived_uid(source, "boneage pdf report", model_name)
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = derived_uid(source, "boneage pdf report series")
+    ds.SeriesNumber = PDF_SERIES_NUMBER
+    ds.SeriesDescription = "Bone age report, PDF (boneage)"
+    ds.InstanceNumber = 1
+    ds.ConversionType = "WSD"  # made by software
+    ds.Manufacturer = "boneage"
+    ds.SoftwareVersions = f"{__version__} {model_name}"
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = "Bone age report"
+    title = pydicom.Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "18748-4", "LN", "Diagnostic imaging study"
+    ds.ConceptNameCodeSequence = DicomSequence([title])
+    if "SOPInstanceUID" in source and "SOPClassUID" in source:
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ds.SourceInstanceSequence = DicomSequence([reference])
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")  # an even length, as every DICOM value
+    ds.file_meta = file_meta(ds)
+    return ds

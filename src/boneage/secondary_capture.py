@@ -11,33 +11,13 @@ from typing import Any
 import numpy as np
 
 from boneage import __version__
+from boneage.dicom_study import derived_uid, file_meta, in_source_study
 from boneage.imageio import is_dicom
 from boneage.render import findings, render_report
 from boneage.rows import reportable_rows
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 REPORT_SERIES_NUMBER = 9901
-# copied from the source image so the report files into the same patient and study
-PATIENT_STUDY_TAGS = (
-    "SpecificCharacterSet",
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDescription",
-)
-
-
-TYPE2_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID")
-TYPE2_TAGS += ("AccessionNumber", "ReferringPhysicianName")
 
 
 def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_name: str) -> Any:
@@ -48,27 +28,16 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     The findings are also in ImageComments, as text a PACS can show or search.
     """
     import pydicom
-    from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     now = datetime.now()
-    ds = pydicom.Dataset()
-    for tag in PATIENT_STUDY_TAGS:
-        if tag in source:
-            setattr(ds, tag, source.data_element(tag).value)
-    for tag in TYPE2_TAGS:
-        if tag not in ds:
-            setattr(ds, tag, "")
-    if "StudyInstanceUID" not in ds:
-        ds.StudyInstanceUID = generate_uid()
+    ds = in_source_study(source)
     ds.SOPClassUID = SECONDARY_CAPTURE
     # derived from the source instance and the model: the report of a film sent twice is the same instance, which a
     # PACS replaces instead of filing twice
-    source_uid = str(source.get("SOPInstanceUID", "")) or None
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=[source_uid, "boneage report", model_name] if source_uid else None)
+    ds.SOPInstanceUID = derived_uid(source, "boneage report", model_name)
     ds.Modality = "OT"
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[source_uid, "boneage report series"] if source_uid else None)
+    ds.SeriesInstanceUID = derived_uid(source, "boneage report series")
     ds.SeriesNumber = REPORT_SERIES_NUMBER
     ds.SeriesDescription = "Bone age report (boneage)"
     ds.InstanceNumber = 1
@@ -98,11 +67,7 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = np.ascontiguousarray(picture, dtype=np.uint8).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ds)
     return ds
 
 
