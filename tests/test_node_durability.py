@@ -216,3 +216,27 @@ def test_no_instance_answered_with_success_is_lost_when_the_node_is_stopped(tiny
     assert (rows["status"] == "ok").all() and len(list((output / "reports").glob("*.dcm"))) == 2 * 20  # picture, SR
     assert not list((output / "received").glob(".*partial"))
     assert np.all([Path(p).is_file() for p in rows["report"]])
+
+
+def test_reports_that_failed_to_send_go_again_at_the_next_start(tiny_model, tmp_path, monkeypatch):
+    import boneage.pacs
+
+    sent, up = [], [False]
+
+    def pacs(ds, destination, calling_title="BONEAGE"):
+        if not up[0]:
+            raise ConnectionError("no association with PACS@127.0.0.1:1")
+        sent.append(str(ds.SOPInstanceUID))
+
+    monkeypatch.setattr(boneage.pacs, "send_dataset", pacs)
+    predictor = load_predictor(tiny_model, backend="torch")
+    node = Listener(predictor, tmp_path / "node", destination=("127.0.0.1", 1, "PACS"), send_attempts=1)
+    assert node.process(films(tmp_path / "in", 1)[0])["sent"].startswith("failed after 1 attempt(s)")
+    up[0] = True  # the PACS is back; the node restarts
+    restarted = Listener(predictor, tmp_path / "node", destination=("127.0.0.1", 1, "PACS"))
+    restarted.start("127.0.0.1", free_port(), block=False)
+    try:
+        restarted.wait()
+    finally:
+        restarted.stop()
+    assert len(sent) == 2 and pd.read_csv(restarted.results)["sent"].tolist() == ["PACS@127.0.0.1:1"]

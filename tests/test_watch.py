@@ -115,14 +115,68 @@ def test_reports_that_could_not_be_stored_go_at_the_next_poll(archive, tiny_mode
     assert (rows["sent"] == URL).all() and len(stored) == 6 and len(set(stored)) == 6
 
 
-def test_an_unreachable_archive_and_bad_options_are_one_line_errors(archive, tiny_model, tmp_path, capsys):
+@pytest.fixture
+def pydicom_settings_restored(monkeypatch):
+    """The command quiets pydicom for the whole process (pacs.quiet_pydicom): put its settings back afterwards."""
+    import logging
+    import warnings
+
+    settings = pydicom.config.settings
+    for name in ("reading_validation_mode", "writing_validation_mode"):
+        monkeypatch.setattr(settings, name, getattr(settings, name))
+    monkeypatch.setattr(logging.getLogger("pydicom"), "level", logging.getLogger("pydicom").level)
+    with warnings.catch_warnings():
+        yield
+
+
+def test_an_unreachable_archive_and_bad_options_are_one_line_errors(
+    archive, tiny_model, tmp_path, capsys, pydicom_settings_restored
+):
     archive.down = True
     command = ["watch", "--dicomweb", URL, "--output", str(tmp_path / "out"), "--model", str(tiny_model)]
     assert main([*command, "--once", "--backend", "torch"]) == 2
     assert "cannot connect" in capsys.readouterr().err
     assert main([*command, "--since", "2026-01-01"]) == 2
     assert "--since: a study date as YYYYMMDD" in capsys.readouterr().err
-    (tmp_path / "out" / "watched.json").write_text("{not json")
+    from boneage.pacs import hold_folder
+
+    held = hold_folder(tmp_path / "out", "boneage watch")  # as if another watcher had this folder
     archive.down = False
     assert main([*command, "--once", "--backend", "torch"]) == 2
-    assert "watched.json: not the watch state" in capsys.readouterr().err
+    assert "in use by boneage watch (pid" in capsys.readouterr().err
+    held.close()
+    assert main([*command, "--once", "--backend", "torch"]) == 0
+    (tmp_path / "out" / "watched.json").write_text("[]")  # damaged: kept aside, nothing read twice
+    assert main([*command, "--once", "--backend", "torch"]) == 0
+    assert "could not be read (TypeError)" in capsys.readouterr().err
+    assert len(list((tmp_path / "out").glob("watched-unreadable-*.json"))) == 1
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 3
+    for bad in ("http://127.0.0.1:99999/dicom-web", "http://[::1/dicom-web"):
+        assert main(["watch", "--dicomweb", bad, "--output", str(tmp_path / "x"), "--once"]) == 2
+        assert "--dicomweb: expected a DICOMweb base URL" in capsys.readouterr().err
+
+
+def test_qido_is_read_a_page_at_a_time_and_a_wrong_root_is_named(monkeypatch):
+    from boneage import dicomweb
+
+    monkeypatch.setattr(dicomweb, "PAGE", 2)
+    uids = [f"1.2.{k}" for k in range(5)]
+
+    class Client:
+        base_url = URL
+        answer = "archive"
+
+        def search_for_instances(self, limit, offset, **query):
+            if self.answer == "ids":  # a server's own REST listing, not DICOM JSON
+                return ["ca43a9e9-4aa4c716", "26110a8a-2129c97c"]
+            start = 0 if self.answer == "offset ignored" else offset
+            return [{"00080018": {"vr": "UI", "Value": [uid]}} for uid in uids[start : start + limit]]
+
+    client = Client()
+    assert dicomweb.search_instances(client, "1.2", "1.2.3") == uids  # three pages: 2, 2, 1
+    client.answer = "offset ignored"
+    with pytest.raises(ConnectionError, match="every page alike"):
+        dicomweb.search_instances(client, "1.2", "1.2.3")
+    client.answer = "ids"
+    with pytest.raises(ConnectionError, match="not DICOM JSON; is this the archive's DICOMweb root"):
+        dicomweb.search_instances(client, "1.2", "1.2.3")

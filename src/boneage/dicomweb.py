@@ -21,8 +21,12 @@ def is_dicomweb_url(text: str) -> bool:
 
 def check_url(text: str, field: str = "--dicomweb") -> str:
     """A DICOMweb base URL (``http(s)://host[:port]/path``), without its trailing slash; ValueError otherwise."""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"{field}: expected a DICOMweb base URL such as http://pacs:8042/dicom-web, got {text!r}")
     return text.rstrip("/")
 
@@ -35,7 +39,11 @@ def connect(url: str, timeout: float = 30.0) -> Any:
         raise ImportError("DICOMweb needs dicomweb-client: pip install 'boneage[pacs]'") from None
     token = os.environ.get(TOKEN_ENV)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return DICOMwebClient(check_url(url), headers=headers, timeout=timeout)
+    client = DICOMwebClient(check_url(url), headers=headers, timeout=timeout)
+    # no retries inside the client (five, half a minute per failure): the node and the watcher retry themselves, and
+    # a stop must not wait behind a dead server
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _reason(err: Exception) -> str:
@@ -62,16 +70,43 @@ def store(client: Any, datasets: list[Any]) -> None:
         raise ConnectionError(f"STOW-RS to {client.base_url}: {len(failed)} instance(s) refused (reason {reasons})")
 
 
+PAGE = 500  # QIDO-RS results asked for per request
+ROOT_HINT = "is this the archive's DICOMweb root (e.g. http://host:8042/dicom-web)?"
+
+
+def _search(client: Any, search: Any, **query: Any) -> list[dict[str, Any]]:
+    """Every QIDO-RS result of ``search`` (a client method), asked for a page at a time. An answer that is not a list
+    of DICOM JSON objects (a URL that is not the DICOMweb root answers with something else) or a page that repeats
+    (a server ignoring ``offset``) is an error, never an endless loop."""
+    found: list[dict[str, Any]] = []
+    previous = None
+    while True:
+        try:
+            page = search(limit=PAGE, offset=len(found), **query)
+        except Exception as err:
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            hint = f"; {ROOT_HINT}" if status in (400, 404, 405) else ""
+            raise ConnectionError(f"QIDO-RS at {client.base_url}: {_reason(err)}{hint}") from None
+        if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
+            raise ConnectionError(f"QIDO-RS at {client.base_url}: the answer is not DICOM JSON; {ROOT_HINT}")
+        if not page:
+            return found
+        if page == previous:
+            raise ConnectionError(f"QIDO-RS at {client.base_url}: the server answers every page alike (offset ignored)")
+        found.extend(page)
+        if len(page) < PAGE:
+            return found
+        previous = page
+
+
 def search_series(client: Any, filters: dict[str, str]) -> list[dict[str, Any]]:
     """QIDO-RS series matching ``filters`` (DICOM keywords), each as ``{"study", "series", "instances"}``."""
-    try:
-        found = client.search_for_series(
-            search_filters=filters,
-            fields=["StudyInstanceUID", "NumberOfSeriesRelatedInstances"],
-            get_remaining=True,
-        )
-    except Exception as err:
-        raise ConnectionError(f"QIDO-RS at {client.base_url}: {_reason(err)}") from None
+    found = _search(
+        client,
+        client.search_for_series,
+        search_filters=filters,
+        fields=["StudyInstanceUID", "NumberOfSeriesRelatedInstances"],
+    )
     series = []
     for item in found:
         study, uid = _value(item, "0020000D"), _value(item, "0020000E")
@@ -83,10 +118,13 @@ def search_series(client: Any, filters: dict[str, str]) -> list[dict[str, Any]]:
 
 def search_instances(client: Any, study: str, series: str) -> list[str]:
     """The SOP Instance UIDs of one series (QIDO-RS)."""
-    try:
-        found = client.search_for_instances(study, series, fields=["SOPInstanceUID"], get_remaining=True)
-    except Exception as err:
-        raise ConnectionError(f"QIDO-RS at {client.base_url}: {_reason(err)}") from None
+    found = _search(
+        client,
+        client.search_for_instances,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        fields=["SOPInstanceUID"],
+    )
     return [str(uid) for uid in (_value(item, "00080018") for item in found) if uid]
 
 
@@ -99,5 +137,6 @@ def retrieve(client: Any, study: str, series: str, instance: str) -> Any:
 
 
 def _value(item: dict[str, Any], tag: str) -> Any:
-    values = item.get(tag, {}).get("Value") or [None]
+    element = item.get(tag)
+    values = (element.get("Value") if isinstance(element, dict) else None) or [None]
     return values[0]

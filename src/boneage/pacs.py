@@ -49,6 +49,7 @@ COMPRESSED_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",
     "1.2.840.10008.1.2.5",
 )
+RESEND = "resend"  # queued at start: the worker sends again what failed to send before a stop
 RESULT_COLUMNS = [*PREDICTION_COLUMNS, "sop_instance_uid", "report", "sent", "structured_report", "pdf_report"]
 REPORT_COLUMNS = ("report", "structured_report", "pdf_report")  # the DICOM objects sent for one instance
 
@@ -94,6 +95,29 @@ def send_dataset(ds: Any, destination: tuple[str, int, str], calling_title: str 
     code = getattr(status, "Status", None) if status else None
     if code != 0x0000:
         raise ConnectionError(f"{title}@{host}:{port} answered the C-STORE with status {code!r}")
+
+
+def hold_folder(output: Path, who: str) -> Any:
+    """Lock ``OUTPUT/.lock`` for this process for as long as the returned handle stays open (close it to release):
+    two nodes or watchers writing one ``results.csv`` would read instances twice and interleave rows. ValueError,
+    naming the holder, when another process has it. A lock left by a killed process is released by the kernel."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    handle = open(output / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{output}: in use by {holder}; give each node or watcher its own --output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{who} (pid {os.getpid()})")
+    handle.flush()
+    return handle
 
 
 class Listener:
@@ -149,13 +173,14 @@ class Listener:
             (self.output / name).mkdir(parents=True, exist_ok=True)
         self.results = self.output / "results.csv"
         self._keep_other_results()
-        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._queue: queue.Queue[Path | str | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="boneage-listener", daemon=True)
         self._count = 0
         self._lock = threading.Lock()
         self._results_lock = threading.Lock()
         self._server: Any = None
         self._stow: Any = None  # the DICOMweb client, made at the first STOW-RS
+        self._folder_lock: Any = None  # held while listening (hold_folder)
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------------------------------------- DICOM side
@@ -197,6 +222,7 @@ class Listener:
         from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
+        self._folder_lock = hold_folder(self.output, "boneage listen")
         ae = AE(ae_title=self.ae_title)
         if self.allowed_calling_aets:  # an association from any other calling AE title is rejected
             ae.require_calling_aet = self.allowed_calling_aets
@@ -207,9 +233,12 @@ class Listener:
         try:
             self._server = ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=self.tls)
         except OSError as err:
+            self._release_folder()
             raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
         self._worker.start()
         recovered = self.recover()
+        if self.destination is not None:  # reports whose send failed before the stop go again, after those
+            self._queue.put(RESEND)
         logger.info(
             "listening as %s on %s:%d%s%s",
             self.ae_title,
@@ -251,6 +280,12 @@ class Listener:
         if self._worker.is_alive():
             self._queue.put(None)
             self._worker.join()
+        self._release_folder()
+
+    def _release_folder(self) -> None:
+        if self._folder_lock is not None:
+            self._folder_lock.close()
+            self._folder_lock = None
 
     # ----------------------------------------------------------------------------------------------- worker side
     def _work(self) -> None:
@@ -259,13 +294,25 @@ class Listener:
             try:
                 if path is None:
                     return
-                self.process(path)
-            except Exception as err:  # one bad instance must not stop the node; its row says what happened
-                logger.error("instance failed: %s", type(err).__name__)
-                row = {"id": path.stem, "path": str(path), "sop_instance_uid": path.stem, "status": "error"}
-                self._record({**row, "message": f"{path}: {err}"})
+                if path == RESEND:
+                    self.resend_failed(self._stopping)
+                else:
+                    self.read(path)
+            except Exception as err:  # resending is retried at the next start; never let it stop the worker
+                logger.error("resending failed: %s", type(err).__name__)
             finally:
                 self._queue.task_done()
+
+    def read(self, path: Path) -> dict[str, Any] | None:
+        """:meth:`process`, where any failure becomes the instance's error row: one bad instance never stops the
+        node or the watcher."""
+        try:
+            return self.process(path)
+        except Exception as err:
+            logger.error("instance failed: %s", type(err).__name__)
+            row = {"id": path.stem, "path": str(path), "sop_instance_uid": path.stem, "status": "error"}
+            self._record({**row, "message": f"{path}: {err}"})
+            return row
 
     def process(self, path: Path) -> dict[str, Any] | None:
         """Read one stored instance, write its report, send it on, and record its row in ``results.csv`` (replacing
@@ -313,7 +360,7 @@ class Listener:
             "instance read: %s in %.2f s%s",
             row["status"],
             time.perf_counter() - started,
-            f", sent {'no' if row['sent'].startswith('failed') else 'yes'}" if self.destination else "",
+            f", sent {'no' if row['sent'].startswith('failed') else 'yes'}" if row["sent"] else "",
         )
         return row
 
@@ -349,15 +396,17 @@ class Listener:
                 time.sleep(self.retry_seconds * 2 ** (attempt - 1))
         return "failed"
 
-    def resend_failed(self) -> int:
-        """Send again the reports of every row whose send failed (the destination was down), from ``reports/``;
-        returns how many rows now say sent."""
+    def resend_failed(self, stopping: threading.Event | None = None) -> int:
+        """Send again the reports of every row whose send failed (the destination was down), from ``reports/``,
+        until ``stopping`` is set; returns how many rows now say sent."""
         if self.destination is None:
             return 0
         import pydicom
 
         sent = 0
         for row in list(self._rows_by_uid().values()):
+            if stopping is not None and stopping.is_set():
+                break
             if not row.get("sent", "").startswith("failed"):
                 continue
             files = [Path(row[column]) for column in REPORT_COLUMNS if row.get(column)]

@@ -2,7 +2,7 @@
 
 Every poll asks the archive (QIDO-RS) for the series of the chosen modalities (and body part, and study dates), and
 for each series not yet done retrieves its instances (WADO-RS) one at a time. Each instance is read exactly as the
-DICOM node reads it (:meth:`boneage.pacs.Listener.process`: the same row in ``results.csv``, the same Secondary
+DICOM node reads it (:meth:`boneage.pacs.Listener.read`: the same row in ``results.csv``, the same Secondary
 Capture and Structured Report, and with ``pdf_paper`` the Encapsulated PDF) and the reports are stored back into the
 study (STOW-RS, or wherever ``--send-to`` says).
 
@@ -19,11 +19,12 @@ import os
 import re
 import signal
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from boneage.dicomweb import check_url, connect, retrieve, search_instances, search_series
-from boneage.pacs import Listener, is_uid, parse_destination, quiet_pydicom
+from boneage.pacs import Listener, hold_folder, is_uid, parse_destination, quiet_pydicom
 from boneage.predict import load_predictor
 
 logger = logging.getLogger("boneage.watch")
@@ -79,7 +80,7 @@ class Watcher:
     def poll(self) -> int:
         """One pass over the archive; returns how many instances were read. A series whose instances could not all
         be retrieved is left for the next poll (what was read of it is kept)."""
-        resent = self.node.resend_failed()
+        resent = self.node.resend_failed(self._stopping)
         if resent:
             logger.info("%d earlier report send(s) went through", resent)
         done, read = self.node.done(), 0
@@ -89,12 +90,20 @@ class Watcher:
                     return read
                 if series["series"] in self.state and self.state[series["series"]] == series["instances"]:
                     continue
+                try:
+                    uids = search_instances(self.client, series["study"], series["series"])
+                except ConnectionError as err:  # one series the archive cannot list: the others still go
+                    logger.warning("a series could not be listed (%s); trying again at the next poll", err)
+                    continue
                 complete = True
-                for uid in search_instances(self.client, series["study"], series["series"]):
+                for uid in uids:
                     if uid in done:
                         continue
-                    if not is_uid(uid) or self._stopping.is_set():
-                        complete = False  # a malformed UID names no file; a stop leaves the rest for the restart
+                    if self._stopping.is_set():
+                        complete = False  # a stop leaves the rest for the restart
+                        continue
+                    if not is_uid(uid):  # it cannot name a file, and no later poll will make it readable
+                        logger.warning("an instance with a malformed SOP Instance UID was skipped")
                         continue
                     try:
                         ds = retrieve(self.client, series["study"], series["series"], uid)
@@ -102,7 +111,7 @@ class Watcher:
                         logger.warning("an instance could not be retrieved (%s); trying again at the next poll", err)
                         complete = False
                         continue
-                    row = self.node.process(self.node.keep(ds, uid))
+                    row = self.node.read(self.node.keep(ds, uid))
                     done.add(uid)
                     read += row is not None
                 if complete:
@@ -113,6 +122,7 @@ class Watcher:
     def run(self, interval: float = 60.0, once: bool = False) -> None:
         """Poll every ``interval`` seconds until SIGTERM or Ctrl-C (the instance being read is finished first), or
         once. An archive that cannot be reached is logged and asked again at the next poll."""
+        lock = hold_folder(self.node.output, "boneage watch")
         previous = signal.signal(signal.SIGTERM, lambda *_: self._stopping.set()) if not once else None
         try:
             while not self._stopping.is_set():
@@ -131,25 +141,38 @@ class Watcher:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if lock is not None:
+                lock.close()
 
     def stop(self) -> None:
         self._stopping.set()
 
     def _load_state(self) -> dict[str, int | None]:
+        """The series done so far. A state file that cannot be read (damaged, or another version's) is kept aside
+        and the series are looked at again: no instance is read twice, ``results.csv`` says which are done."""
         if not self.state_path.is_file():
             return {}
         try:
             state = json.loads(self.state_path.read_text())
             return {str(k): v for k, v in state["series"].items()}
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ValueError(
-                f"{self.state_path}: not the watch state this version writes ({err}); move it away to start over "
-                "(instances with a row in results.csv are still not read again)"
-            ) from None
+        except (ValueError, KeyError, AttributeError, TypeError) as err:
+            kept = self.state_path.with_name(f"watched-unreadable-{datetime.now():%Y%m%d-%H%M%S}.json")
+            self.state_path.rename(kept)
+            logger.warning(
+                "%s could not be read (%s): kept as %s; every series is looked at again (instances already read are "
+                "not read again)",
+                self.state_path,
+                type(err).__name__,
+                kept.name,
+            )
+            return {}
 
     def _save_state(self) -> None:
         partial = self.state_path.with_name(self.state_path.name + ".partial")
-        partial.write_text(json.dumps({"url": self.url, "series": self.state}, indent=1))
+        with open(partial, "w") as handle:
+            handle.write(json.dumps({"url": self.url, "series": self.state}, indent=1))
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(partial, self.state_path)
 
 
