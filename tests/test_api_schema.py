@@ -1,10 +1,12 @@
 """Schema-driven fuzzing of the web API (schemathesis): requests generated from the OpenAPI schema, a bounded number
-per operation in the default run, never a 5xx and every answer documented (status code, content type, body)."""
+per operation (a slow test: CI runs it in its second step), never a 5xx and every answer documented (status code,
+content type, body)."""
 
 from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # about 10 s of generated requests; CI runs it in its second step
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("fastapi")
 from hypothesis import HealthCheck, settings  # noqa: E402

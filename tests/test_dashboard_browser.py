@@ -19,9 +19,13 @@ uvicorn = pytest.importorskip("uvicorn")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"
-)
+pytestmark = [
+    pytest.mark.slow,  # a real browser and a real server: about 15 s; CI runs it in its second step
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)",
+    ),
+]
 
 
 def _free_port() -> int:
@@ -259,6 +263,7 @@ def test_a_refused_upload_is_shown_as_uploaded(shipped_server, browser, tmp_path
 
 def test_a_server_with_a_token_is_asked_for_it_once_per_tab(browser, tmp_path, tiny_model):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import alert_is_present
     from selenium.webdriver.support.ui import Select
 
     from boneage.serve import create_app
@@ -271,7 +276,7 @@ def test_a_server_with_a_token_is_asked_for_it_once_per_tab(browser, tmp_path, t
         browser.find_element(By.ID, "file").send_keys(str(image))
         Select(browser.find_element(By.ID, "sex")).select_by_value("M")
         browser.find_element(By.ID, "submit").click()
-        prompt = _wait_for(browser, lambda d: d.switch_to.alert)  # the server answered 401: the page asks
+        prompt = _wait_for(browser, alert_is_present())  # the server answered 401: the page asks
         assert "API token" in prompt.text
         prompt.send_keys("ward-7")
         prompt.accept()

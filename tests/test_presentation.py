@@ -182,7 +182,7 @@ def test_check_is_fit_stored_and_applied_by_both_backends(tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("backend", ["onnx", pytest.param("torch", marks=pytest.mark.slow)])  # torch: the 3 networks
 def test_shipped_model_refuses_negative_and_turned_radiographs(tmp_path, backend):
     if not (FULLRES / "labels.csv").is_file():
         pytest.skip(f"needs the full-resolution samples at {FULLRES}")

@@ -134,6 +134,7 @@ def live_server(tiny_model, tmp_path_factory):
         process.wait(timeout=30)
 
 
+@pytest.mark.slow  # starts boneage serve in its own process
 def test_one_log_line_per_request_and_loopback_hosts_only(live_server):
     import httpx
 
@@ -146,6 +147,7 @@ def test_one_log_line_per_request_and_loopback_hosts_only(live_server):
     assert numbers and len(numbers) == len(set(numbers)), lines  # no request logged twice
 
 
+@pytest.mark.slow  # starts boneage serve in its own process
 def test_health_answers_at_once_and_a_full_queue_gets_503_with_retry_after(live_server):
     import httpx
 
