@@ -371,6 +371,17 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sending_args(parser: argparse.ArgumentParser) -> None:
+    """What ``listen`` and ``watch`` share about the reports they send."""
+    parser.add_argument(
+        "--send-attempts", type=int, default=3, help="tries per report send, with back-off (default: 3)"
+    )
+    parser.add_argument(
+        "--pdf", action="store_true", help="also send the report page (the PDF report) as a DICOM Encapsulated PDF"
+    )
+    parser.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF's paper (default: a4)")
+
+
 def _add_listen(commands: _Commands) -> None:
     listen = commands.add_parser(
         "listen",
@@ -401,13 +412,7 @@ def _add_listen(commands: _Commands) -> None:
     listen.add_argument("--tls-cert", metavar="PEM", help="serve DICOM over TLS with this certificate (with --tls-key)")
     listen.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     listen.add_argument("--tls-ca", metavar="PEM", help="also require client certificates signed by this CA")
-    listen.add_argument(
-        "--send-attempts", type=int, default=3, help="tries per report sent to --send-to, with back-off (default: 3)"
-    )
-    listen.add_argument(
-        "--pdf", action="store_true", help="also send the report page (the PDF report) as a DICOM Encapsulated PDF"
-    )
-    listen.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF's paper (default: a4)")
+    _add_sending_args(listen)
     listen.set_defaults(func=_run_listen)
 
 
@@ -462,11 +467,7 @@ def _add_watch(commands: _Commands) -> None:
     watch.add_argument("--once", action="store_true", help="poll once and exit (for cron or a systemd timer)")
     watch.add_argument("--model", help="model folder, or an .onnx file with --backend onnx (default: shipped model)")
     watch.add_argument("--backend", default="auto", choices=_BACKENDS, help="inference engine")
-    watch.add_argument("--send-attempts", type=int, default=3, help="tries per report send, with back-off (default: 3)")
-    watch.add_argument(
-        "--pdf", action="store_true", help="also send the report page (the PDF report) as a DICOM Encapsulated PDF"
-    )
-    watch.add_argument("--paper", default="a4", choices=("a4", "letter"), help="the PDF's paper (default: a4)")
+    _add_sending_args(watch)
     watch.set_defaults(func=_run_watch)
 
 

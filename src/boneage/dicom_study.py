@@ -5,7 +5,10 @@ replaces instead of filing twice)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
+
+from boneage import __version__
 
 # copied from the source image so a report files into the same patient and study
 PATIENT_STUDY_TAGS = (
@@ -45,6 +48,43 @@ def in_source_study(source: Any) -> Any:
     if "StudyInstanceUID" not in ds:
         ds.StudyInstanceUID = generate_uid()
     return ds
+
+
+def report_in_study(
+    source: Any, *, kind: str, model_name: str, sop_class: str, modality: str, series_number: int, description: str
+) -> Any:
+    """A new report object in ``source``'s patient and study (:func:`in_source_study`), in a series of its own: the
+    SOP class, the UIDs derived from the source and ``kind`` (and the model, for the instance), made by software
+    (ConversionType WSD), by this package and model, created now. The caller adds what its IOD holds besides."""
+    now = datetime.now()
+    ds = in_source_study(source)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = derived_uid(source, f"boneage {kind}", model_name)
+    ds.Modality = modality
+    ds.SeriesInstanceUID = derived_uid(source, f"boneage {kind} series")
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    ds.InstanceNumber = 1
+    ds.ConversionType = "WSD"  # workstation: made by software
+    ds.Manufacturer = "boneage"
+    ds.SoftwareVersions = f"{__version__} {model_name}"
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    return ds
+
+
+def source_reference(source: Any) -> Any:
+    """A one-item sequence referencing the source instance (for SourceImageSequence, SourceInstanceSequence), or None
+    when the source has no SOP Class and Instance UIDs."""
+    if "SOPInstanceUID" not in source or "SOPClassUID" not in source:
+        return None
+    import pydicom
+    from pydicom.sequence import Sequence as DicomSequence
+
+    reference = pydicom.Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return DicomSequence([reference])
 
 
 def derived_uid(source: Any, *what: str) -> str:

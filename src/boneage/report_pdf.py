@@ -20,7 +20,7 @@ from typing import Any
 
 from boneage import __version__
 from boneage.clinical import REFERENCE, SDS_LIMIT, reference_band
-from boneage.dicom_study import derived_uid, file_meta, in_source_study
+from boneage.dicom_study import file_meta, report_in_study, source_reference
 from boneage.imageio import read_image
 from boneage.inputs import IDENTIFICATION_FIELDS, identification
 from boneage.render import CALL_COLOURS, CHART_MAX_MONTHS, LIGHT, findings
@@ -392,31 +392,23 @@ def pdf_dataset(source: Any, pdf: bytes, model_name: str) -> Any:
     import pydicom
     from pydicom.sequence import Sequence as DicomSequence
 
-    now = datetime.now()
-    ds = in_source_study(source)
-    ds.SOPClassUID = ENCAPSULATED_PDF
-    ds.SOPInstanceUID = derived_uid(source, "boneage pdf report", model_name)
-    ds.Modality = "DOC"
-    ds.SeriesInstanceUID = derived_uid(source, "boneage pdf report series")
-    ds.SeriesNumber = PDF_SERIES_NUMBER
-    ds.SeriesDescription = "Bone age report, PDF (boneage)"
-    ds.InstanceNumber = 1
-    ds.ConversionType = "WSD"  # made by software
-    ds.Manufacturer = "boneage"
-    ds.SoftwareVersions = f"{__version__} {model_name}"
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
-    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds = report_in_study(
+        source,
+        kind="pdf report",
+        model_name=model_name,
+        sop_class=ENCAPSULATED_PDF,
+        modality="DOC",
+        series_number=PDF_SERIES_NUMBER,
+        description="Bone age report, PDF (boneage)",
+    )
+    ds.AcquisitionDateTime = ds.ContentDate + ds.ContentTime
     ds.BurnedInAnnotation = "YES"
     ds.DocumentTitle = "Bone age report"
     title = pydicom.Dataset()
     title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "18748-4", "LN", "Diagnostic imaging study"
     ds.ConceptNameCodeSequence = DicomSequence([title])
-    if "SOPInstanceUID" in source and "SOPClassUID" in source:
-        reference = pydicom.Dataset()
-        reference.ReferencedSOPClassUID = source.SOPClassUID
-        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        ds.SourceInstanceSequence = DicomSequence([reference])
+    if (reference := source_reference(source)) is not None:
+        ds.SourceInstanceSequence = reference
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(pdf)
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")  # an even length, as every DICOM value

@@ -4,14 +4,12 @@ shows it next to the film."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from boneage import __version__
-from boneage.dicom_study import derived_uid, file_meta, in_source_study
+from boneage.dicom_study import file_meta, report_in_study, source_reference
 from boneage.imageio import is_dicom
 from boneage.render import findings, render_report
 from boneage.rows import reportable_rows
@@ -27,25 +25,17 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     ``source``: the radiograph's pydicom Dataset. Without a StudyInstanceUID (a bare file) the report gets a new study.
     The findings are also in ImageComments, as text a PACS can show or search.
     """
-    import pydicom
-    from pydicom.sequence import Sequence as DicomSequence
-
-    now = datetime.now()
-    ds = in_source_study(source)
-    ds.SOPClassUID = SECONDARY_CAPTURE
-    # derived from the source instance and the model: the report of a film sent twice is the same instance, which a
-    # PACS replaces instead of filing twice
-    ds.SOPInstanceUID = derived_uid(source, "boneage report", model_name)
-    ds.Modality = "OT"
-    ds.SeriesInstanceUID = derived_uid(source, "boneage report series")
-    ds.SeriesNumber = REPORT_SERIES_NUMBER
-    ds.SeriesDescription = "Bone age report (boneage)"
-    ds.InstanceNumber = 1
-    ds.ConversionType = "WSD"  # workstation: made by software
-    ds.Manufacturer = "boneage"
-    ds.SoftwareVersions = f"{__version__} {model_name}"
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    # the UIDs follow from the source instance and the model: the report of a film sent twice is the same instance,
+    # which a PACS replaces instead of filing twice
+    ds = report_in_study(
+        source,
+        kind="report",
+        model_name=model_name,
+        sop_class=SECONDARY_CAPTURE,
+        modality="OT",
+        series_number=REPORT_SERIES_NUMBER,
+        description="Bone age report (boneage)",
+    )
     ds.PatientOrientation = ""
     # General Series Laterality is Type 2C (a paired body part such as the hand, the series having no Image
     # Laterality): the source's, else its image's, else present and empty (unknown)
@@ -55,11 +45,8 @@ def report_dataset(source: Any, picture: np.ndarray, row: dict[str, Any], model_
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "Bone age estimated from the source radiograph by boneage"
     ds.ImageComments = "; ".join(findings(row))[:10240]
-    if "SOPInstanceUID" in source and "SOPClassUID" in source:
-        reference = pydicom.Dataset()
-        reference.ReferencedSOPClassUID = source.SOPClassUID
-        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        ds.SourceImageSequence = DicomSequence([reference])
+    if (reference := source_reference(source)) is not None:
+        ds.SourceImageSequence = reference
     rows, columns = picture.shape[:2]
     ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel = 3
