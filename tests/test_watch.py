@@ -138,6 +138,8 @@ def test_an_unreachable_archive_and_bad_options_are_one_line_errors(
     assert "cannot connect" in capsys.readouterr().err
     assert main([*command, "--since", "2026-01-01"]) == 2
     assert "--since: a study date as YYYYMMDD" in capsys.readouterr().err
+    assert main([*command, "--once", "--backend", "torch", "--send-attempts", "0"]) == 2
+    assert "--send-attempts: at least 1 try per report, got 0" in capsys.readouterr().err
     from boneage.pacs import hold_folder
 
     held = hold_folder(tmp_path / "out", "boneage watch")  # as if another watcher had this folder

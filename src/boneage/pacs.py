@@ -151,7 +151,9 @@ class Listener:
         self.ae_title = ae_title
         self.destination = destination
         self.allowed_calling_aets = list(allowed_calling_aets or [])
-        self.send_attempts = max(1, send_attempts)
+        if send_attempts < 1:
+            raise ValueError(f"--send-attempts: at least 1 try per report, got {send_attempts}")
+        self.send_attempts = send_attempts
         self.retry_seconds = retry_seconds
         self.tls = tls  # an ssl.SSLContext for the server side, or None
         if pdf_paper is not None:
