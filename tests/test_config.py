@@ -47,6 +47,11 @@ def test_yaml_roundtrip(tmp_path):
         ("trainer:\n  lr: 1\n", "unknown section(s) ['trainer']"),
         ("augment:\n  zoom: [1.2, 0.9]\n", "augment.zoom: expected 0 < low <= high"),
         ("data:\n  source_size: 4\n", "data.source_size: expected >= 8 pixels or none, got 4"),
+        ("augment:\n  frame_p: 1.5\n", "augment.frame_p: expected a probability in [0, 1], got 1.5"),
+        ("augment:\n  gamma: [0.05, 2]\n", "augment.gamma: expected 0.1 <= low <= high <= 10.0"),
+        ("augment:\n  frame_fill_width: [0.1, 1]\n", "augment.frame_fill_width: expected 0.2 <= low"),
+        ("augment:\n  floor_p: 0.3\n", "batch augmentations: set augment.on_device: true"),
+        ("train:\n  stage_weight_power: -1\n", "train.stage_weight_power: expected >= 0, got -1"),
         ("- a\n- b\n", "expected a mapping"),
     ],
 )

@@ -406,6 +406,67 @@ def test_batch_augmentation_draws_per_image_within_the_ranges():
     assert out.min() >= 0 and out.max() <= 1
 
 
+def _hand_on_dark_film(batch: int = 4, size: int = 64) -> torch.Tensor:
+    """A bright 16 x 16 'hand' in the top-left quarter of a film whose background is 0.2."""
+    images = torch.full((batch, 1, size, size), 0.2)
+    images[:, :, 8:24, 8:24] = 0.9
+    return images
+
+
+def test_framing_centres_the_hand_at_the_drawn_fill_and_pads_with_the_background():
+    images = _hand_on_dark_film()
+    boxes = torch.tensor([[8 / 64, 24 / 64, 8 / 64, 24 / 64]]).expand(4, 4)
+    framing = {**_OFF, "frame_p": 1.0, "frame_fill_height": (0.5, 0.5), "frame_fill_width": (0.25, 0.25)}
+    out = augment_batch(images, AugmentConfig(**framing), boxes)
+    hand = out[0, 0] > 0.55
+    rows, cols = hand.any(dim=1).nonzero()[:, 0], hand.any(dim=0).nonzero()[:, 0]
+    assert abs(int(rows[0]) - 16) <= 1 and abs(int(rows[-1]) - 47) <= 1  # half the height, in the middle
+    assert abs(int(cols[0]) - 24) <= 1 and abs(int(cols[-1]) - 39) <= 1  # a quarter of the width
+    # what lies outside the film is its own background level, not black
+    assert torch.allclose(out[:, :, :, :2], torch.full_like(out[:, :, :, :2], 0.2), atol=1e-6)
+    assert torch.equal(out[0], out[3])  # the same box and fills: the same image
+    with pytest.raises(ValueError, match="hand box"):
+        augment_batch(images, AugmentConfig(**framing))
+    # through the contract's source size: a re-framed image keeps only the detail a film keeps at prediction time
+    through = augment_batch(images, AugmentConfig(**framing), boxes, source_size=16)
+    small = torch.nn.functional.interpolate(out, size=(16, 16), mode="bilinear", antialias=True)
+    torch.testing.assert_close(through, torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear"))
+
+
+def test_framing_is_drawn_with_frame_p_and_leaves_the_rest_as_the_plain_augmentation():
+    torch.manual_seed(0)
+    images = _hand_on_dark_film(batch=400)
+    boxes = torch.tensor([[8 / 64, 24 / 64, 8 / 64, 24 / 64]]).expand(400, 4)
+    out = augment_batch(images, AugmentConfig(**{**_OFF, "frame_p": 0.5, "frame_fill_height": (1.0, 1.0)}), boxes)
+    filled = (out[:, 0] > 0.55).float().mean(dim=(1, 2))
+    reframed = filled > 0.3  # the hand fills the frame's height (and 35-100% of its width)
+    assert 150 < int(reframed.sum()) < 250
+    torch.testing.assert_close(out[~reframed], images[~reframed], atol=1e-5, rtol=0)  # an identity resampling
+
+
+def test_gamma_and_floor_are_what_they_say():
+    torch.manual_seed(0)
+    images = torch.rand(8, 1, 16, 16)
+    squared = augment_batch(images, AugmentConfig(**{**_OFF, "gamma": (2.0, 2.0)}))
+    torch.testing.assert_close(squared, images**2)
+    floored = augment_batch(images, AugmentConfig(**{**_OFF, "floor": (0.3, 0.3), "floor_p": 1.0}))
+    assert torch.equal(floored, images.clamp_min(0.3))
+    drawn = augment_batch(images, AugmentConfig(**{**_OFF, "gamma": (0.5, 2.0)}))
+    exponents = (drawn.log() / images.log()).flatten(1).median(dim=1).values
+    assert (exponents >= 0.5 - 1e-3).all() and (exponents <= 2.0 + 1e-3).all() and exponents.std() > 0.1
+
+
+def test_border_level_is_the_numpy_background_level():
+    from boneage.dataset import border_level
+    from boneage.imageio import background_level
+
+    images = _hand_on_dark_film(batch=2)
+    images[1] = torch.rand(1, 64, 64)
+    levels = border_level(images)
+    assert abs(float(levels[0]) - background_level(images[0, 0].numpy())) < 1e-6
+    assert abs(float(levels[1]) - background_level(images[1, 0].numpy())) < 0.02
+
+
 # ------------------------------------------------------------------------------------------- dataset
 
 
@@ -430,6 +491,10 @@ def test_dataset_samples_and_cache_match(rsna_folder):
     torch.testing.assert_close(normalize_batch(raw[3]["image"][None] / 255.0, contract)[0], cached[3]["image"])
     uncached = BoneAgeDataset(table, contract, raw=True)
     assert torch.equal(uncached[3]["image"], raw[3]["image"])
+    boxed, uncached_boxed = (BoneAgeDataset(table, contract, raw=True, hand_boxes=True, cache=c) for c in (True, False))
+    box = boxed[3]["hand_box"]
+    assert box.shape == (4,) and 0 <= box[0] < box[1] <= 1 and 0 <= box[2] < box[3] <= 1
+    assert torch.equal(uncached_boxed[3]["hand_box"], box)
     with pytest.raises(ValueError, match="augment=None"):
         BoneAgeDataset(table, contract, augment=build_augment(AugmentConfig()), raw=True)
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from boneage.config import Config
-from boneage.errors import DataValidationError
+from boneage.errors import ConfigError, DataValidationError
 from boneage.model import BoneAgeNet, load_model_folder
 from boneage.train import AtomicCheckpointIO, run_training, warmup_cosine
 
@@ -109,6 +109,74 @@ def test_training_with_augmentation_on_the_device(tmp_path, rsna_folder):
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 1 and 0 < history[0]["val_mae"] < 240 and history[0]["train_loss"] > 0
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_fine_tuning_starts_from_a_model_folder_with_clinic_augmentation(tmp_path, rsna_folder):
+    labels, images = rsna_folder
+    first = run_training(tiny_config(labels, images, tmp_path / "first", epochs=1))
+    config = tiny_config(labels, images, tmp_path / "tuned", epochs=1, init=str(first / "model"), lr=1e-9)
+    config.train.stage_weight_power = 0.5
+    augment = config.augment
+    augment.on_device, augment.frame_p, augment.floor_p, augment.gamma = True, 0.5, 0.3, (0.6, 1.6)
+    tuned = run_training(config)
+    before, _ = load_model_folder(first / "model")
+    after, _ = load_model_folder(tuned / "model")
+    # at a learning rate of 1e-9 one epoch leaves the started-from weights where they were (not the batch norms' stats)
+    for (name, old), new in zip(before.named_parameters(), after.parameters(), strict=True):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=0, msg=name)
+    with pytest.raises(ConfigError, match="holds one network, got member 1"):
+        run_training(tiny_config(labels, images, tmp_path / "bad", init=str(first / "model"), init_member=1))
+
+
+def test_stage_weights_lift_the_rare_stages():
+    from boneage.train import stage_weights
+
+    ages = [30.0] * 10 + [90.0] * 40 + [150.0] * 40 + [200.0] * 10
+    assert stage_weights(ages, 0.0).tolist() == [1.0, 1.0, 1.0, 1.0]
+    torch.testing.assert_close(stage_weights(ages, 0.5), torch.tensor([2.0, 1.0, 1.0, 2.0]))
+    assert stage_weights([90.0, 100.0], 1.0).tolist() == [1.0, 1.0, 1.0, 1.0]  # empty stages: weight 1
+
+
+def test_weighted_loss_is_the_stage_weighted_mean_and_only_in_training():
+    from boneage.train import BoneAgeModule
+
+    config = Config()
+    config.model.pretrained, config.model.target_scale = "none", 10.0
+    config.train.stage_weight_power = 1.0
+    module = BoneAgeModule(config)
+    module.stage_weights.copy_(torch.tensor([4.0, 1.0, 1.0, 2.0]))
+    batch = {"age_months": torch.tensor([30.0, 90.0, 200.0]), "stage": torch.tensor([0, 1, 3])}
+    output = torch.tensor([40.0, 95.0, 190.0])  # errors of 1, 0.5 and 1 in units of target_scale
+    huber = torch.tensor([0.5, 0.125, 0.5])  # Huber (delta 1) of those errors
+    weighted = module._loss(output, batch, weighted=True)
+    torch.testing.assert_close(weighted, (huber * torch.tensor([4.0, 1.0, 2.0])).sum() / 7.0)
+    torch.testing.assert_close(module._loss(output, batch), huber.mean())
+
+
+def test_init_takes_an_ensemble_member_and_names_a_mismatched_field(tmp_path):
+    from boneage.config import DataConfig, ModelConfig
+    from boneage.model import BoneAgeEnsemble, save_model_folder
+    from boneage.train import init_state
+
+    model_cfg = ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)
+    torch.manual_seed(0)
+    members = [BoneAgeNet(model_cfg) for _ in range(2)]
+    folder = save_model_folder(tmp_path / "pair", BoneAgeEnsemble(members), DataConfig(image_size=64))
+    config = Config()
+    config.model = ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)
+    config.data.image_size = 64
+    config.train.init, config.train.init_member = str(folder), 1
+    state = init_state(config)
+    torch.testing.assert_close(state["head.0.weight"], members[1].state_dict()["head.0.weight"])
+    config.train.init_member = 2
+    with pytest.raises(ConfigError, match="has 2 networks, got 2"):
+        init_state(config)
+    config.train.init_member, config.model.target_scale = 0, 12.0
+    with pytest.raises(ConfigError, match=r"model.target_scale: .* was trained with 40.0, the config has 12.0"):
+        init_state(config)
+    config.model.target_scale, config.data.standardize = 40.0, True
+    with pytest.raises(ConfigError, match="data.standardize"):
+        init_state(config)
 
 
 def test_training_refuses_invalid_labels(tmp_path, rsna_folder):

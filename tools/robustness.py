@@ -9,6 +9,8 @@ Rows (each read through ``boneage predict``'s code path with the labels' sex, al
   a margin of M% of the box's size on each side, as a clinic crops a film around the hand;
 - ``val small in a large frame``: each val image in the middle of a frame twice its size, filled with its own
   background level (:func:`boneage.imageio.background_level`);
+- ``val bright background``: each val image with everything darker than 0.2 raised to 0.2 (air and soft tissue
+  flattened to one grey, as on films with a bright background);
 - ``dev films``: the 100 real full-resolution validation radiographs (``rsna-val-fullres-dev``), as given.
 
 Printed per model and row: images read (not refused), MAE and bias of the read ones, and the bias per reference stage.
@@ -51,11 +53,16 @@ def small_in_large_frame(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def bright_background(image: np.ndarray) -> np.ndarray:
+    return np.maximum(image, 0.2)
+
+
 VAL_VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
     "val": None,
     "val hand crop +2%": hand_crop(0.02),
     "val hand crop +10%": hand_crop(0.10),
     "val small in a large frame": small_in_large_frame,
+    "val bright background": bright_background,
 }
 
 

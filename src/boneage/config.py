@@ -81,6 +81,19 @@ class AugmentConfig:
     brightness: tuple[float, float] = (0.85, 1.15)
     contrast: tuple[float, float] = (0.85, 1.15)
     hflip_p: float = 0.5
+    # A clinic's rendering: gamma (x ** g, g drawn log-uniformly in this range) and, with probability floor_p, a
+    # bright background (x -> max(x, f), f drawn in ``floor``: dark soft tissue and air flattened to one grey level).
+    # Per-image standardisation removes any linear change of brightness or contrast, not these.
+    gamma: tuple[float, float] = (1.0, 1.0)
+    floor: tuple[float, float] = (0.0, 0.0)
+    floor_p: float = 0.0
+    # A clinic's framing: with probability frame_p the image is re-framed around its hand (the box of
+    # :func:`boneage.imageio.hand_box`) so that the box fills a fraction of the frame's height drawn in
+    # frame_fill_height and of its width in frame_fill_width: near 1 a tight crop, near 0.4 a small hand in a large
+    # frame (padded with the image's background level). Such images are not zoomed.
+    frame_p: float = 0.0
+    frame_fill_height: tuple[float, float] = (0.45, 1.0)
+    frame_fill_width: tuple[float, float] = (0.35, 1.0)
     # Augment whole batches on the training device (after the copy) instead of each image in the loader workers;
     # the loader then sends uint8 single-channel images. Same kinds and ranges; for GPU runs, whose loaders are slow.
     on_device: bool = False
@@ -114,6 +127,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 5.0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    # Fine-tuning: a model folder whose network (member init_member of an ensemble) starts the run instead of the
+    # pretrained backbone; its architecture must match the model section.
+    init: str | None = None
+    init_member: int = 0
+    # Weight each training image's loss by (share of the commonest stage / share of its stage) ** this: 0 = plain
+    # loss; 0.5 lifts the rare youngest and oldest against the pull towards the mean age.
+    stage_weight_power: float = 0.0
     patience: int = 10
     min_delta: float = 0.001
     grad_clip: float = 1.0
@@ -173,12 +193,39 @@ class Config:
             raise ConfigError("model.hidden_dims and model.dropouts must have the same length")
         if self.model.target_scale <= 0:
             raise ConfigError(f"model.target_scale: expected > 0, got {self.model.target_scale}")
+        for name in ("zoom", "brightness", "contrast", "gamma", "floor", "frame_fill_height", "frame_fill_width"):
+            if len(getattr(self.augment, name)) != 2:
+                raise ConfigError(f"augment.{name}: expected two values (low, high), got {getattr(self.augment, name)}")
         for name in ("zoom", "brightness", "contrast"):
             low, high = getattr(self.augment, name)
             if not 0 < low <= high:
                 raise ConfigError(f"augment.{name}: expected 0 < low <= high, got ({low}, {high})")
-        if not 0 <= self.augment.hflip_p <= 1:
-            raise ConfigError(f"augment.hflip_p: expected a probability in [0, 1], got {self.augment.hflip_p}")
+        for name in ("hflip_p", "floor_p", "frame_p"):
+            value = getattr(self.augment, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"augment.{name}: expected a probability in [0, 1], got {value}")
+        for name, (low_limit, high_limit) in {
+            "gamma": (0.1, 10.0),
+            "floor": (0.0, 0.9),
+            "frame_fill_height": (0.2, 1.0),
+            "frame_fill_width": (0.2, 1.0),
+        }.items():
+            low, high = getattr(self.augment, name)
+            if not low_limit <= low <= high <= high_limit:
+                raise ConfigError(
+                    f"augment.{name}: expected {low_limit} <= low <= high <= {high_limit}, got ({low}, {high})"
+                )
+        uses_batch_only = (
+            tuple(self.augment.gamma) != (1.0, 1.0) or self.augment.floor_p > 0 or self.augment.frame_p > 0
+        )
+        if uses_batch_only and not self.augment.on_device:
+            raise ConfigError("augment.gamma/floor_p/frame_p are batch augmentations: set augment.on_device: true")
+        if self.train.stage_weight_power < 0:
+            raise ConfigError(f"train.stage_weight_power: expected >= 0, got {self.train.stage_weight_power}")
+        if self.train.init is not None and not str(self.train.init).strip():
+            raise ConfigError("train.init: expected a model folder or none, got an empty path")
+        if self.train.init_member < 0:
+            raise ConfigError(f"train.init_member: expected >= 0, got {self.train.init_member}")
         if self.train.batch_size < 1 or self.train.lr <= 0:
             raise ConfigError("train.batch_size must be >= 1 and train.lr > 0")
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from boneage.config import AugmentConfig, DataConfig
-from boneage.imageio import STAGE_EDGES_MONTHS, STANDARDIZE_EPS, frame_hand, read_image
+from boneage.imageio import BORDER_FRACTION, STAGE_EDGES_MONTHS, STANDARDIZE_EPS, frame_hand, hand_box, read_image
 
 
 def stage_tensor(age_months: torch.Tensor) -> torch.Tensor:
@@ -94,13 +94,42 @@ def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     return augment
 
 
-def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """:func:`build_augment`'s augmentations for a whole batch (B, 1, S, S) in [0, 1], on the batch's device.
+def border_level(images: torch.Tensor) -> torch.Tensor:
+    """Each image's background level (B,): the median of its outer ring, as :func:`boneage.imageio.background_level`
+    finds it for one NumPy image (lower median here, the mean of the two middle values there)."""
+    size_y, size_x = images.shape[-2:]
+    ring_y, ring_x = max(1, round(size_y * BORDER_FRACTION)), max(1, round(size_x * BORDER_FRACTION))
+    flat = images[:, 0]
+    ring = torch.cat(
+        [
+            flat[:, :ring_y].flatten(1),
+            flat[:, -ring_y:].flatten(1),
+            flat[:, ring_y:-ring_y, :ring_x].flatten(1),
+            flat[:, ring_y:-ring_y, -ring_x:].flatten(1),
+        ],
+        dim=1,
+    )
+    return ring.median(dim=1).values
+
+
+def augment_batch(
+    images: torch.Tensor,
+    cfg: AugmentConfig,
+    hand_boxes: torch.Tensor | None = None,
+    source_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`build_augment`'s augmentations for a whole batch (B, 1, S, S) in [0, 1], on the batch's device, and
+    the clinic ones only this path has (framing, gamma, bright background; :class:`AugmentConfig`).
 
     Each image draws its own rotation, zoom, brightness and contrast factors and flip. Rotation and zoom are one
     affine resampling about the centre (bilinear, black outside), then brightness (``x * b``), then contrast (blend
     with the image's mean), each clamped to [0, 1] as torchvision does; torchvision applies brightness and contrast in
-    a random order, here always in this one.
+    a random order, here always in this one. With ``frame_p`` an image drawn for framing is instead resampled from a
+    window around its hand (``hand_boxes``: (B, 4) top, bottom, left, right as fractions of the side), rotated
+    about the window's centre and padded with its own background level; with ``source_size`` (the data contract's)
+    a re-framed image then goes through that size and back, so that a hand made small keeps only the detail a small
+    hand keeps when a film goes through ``source_size`` at prediction time. Gamma and the background floor follow the
+    resampling.
     """
     batch, device = images.shape[0], images.device
 
@@ -108,14 +137,46 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
         return torch.empty(batch, device=device).uniform_(low, high)
 
     out = images
-    if cfg.rotation_degrees > 0 or tuple(cfg.zoom) != (1.0, 1.0):
+    framing = cfg.frame_p > 0
+    if framing and hand_boxes is None:
+        raise ValueError("augment.frame_p needs each image's hand box: build the dataset with hand_boxes=True")
+    if cfg.rotation_degrees > 0 or tuple(cfg.zoom) != (1.0, 1.0) or framing:
         angle = torch.deg2rad(uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
         inverse_scale = 1.0 / uniform(*cfg.zoom)
-        cos, sin = torch.cos(angle) * inverse_scale, torch.sin(angle) * inverse_scale
-        zeros = torch.zeros_like(cos)
-        theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+        half_x, half_y = inverse_scale, inverse_scale  # the sampled window's half-size, in [-1, 1] coordinates
+        centre_x = centre_y = fill = torch.zeros(batch, device=device)
+        if framing:
+            assert hand_boxes is not None
+            boxes = hand_boxes.to(device=device, dtype=out.dtype)
+            framed = torch.rand(batch, device=device) < cfg.frame_p
+            box_h, box_w = (boxes[:, 1] - boxes[:, 0]).clamp_min(0.05), (boxes[:, 3] - boxes[:, 2]).clamp_min(0.05)
+            half_y = torch.where(framed, box_h / uniform(*cfg.frame_fill_height), half_y)
+            half_x = torch.where(framed, box_w / uniform(*cfg.frame_fill_width), half_x)
+            centre_y = torch.where(framed, boxes[:, 0] + boxes[:, 1] - 1.0, centre_y)
+            centre_x = torch.where(framed, boxes[:, 2] + boxes[:, 3] - 1.0, centre_x)
+            fill = torch.where(framed, border_level(out), fill)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [
+                torch.stack([half_x * cos, -half_x * sin, centre_x], 1),
+                torch.stack([half_y * sin, half_y * cos, centre_y], 1),
+            ],
+            1,
+        )
         grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
-        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        fill = fill.view(-1, 1, 1, 1).to(out.dtype)
+        out = F.grid_sample(out - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+        if framing and source_size is not None:
+            size = tuple(out.shape[-2:])
+            small = F.interpolate(out, size=(source_size, source_size), mode="bilinear", antialias=True)
+            through = F.interpolate(small, size=size, mode="bilinear", antialias=True)
+            out = torch.where(framed.view(-1, 1, 1, 1), through, out)
+    if tuple(cfg.gamma) != (1.0, 1.0):
+        log_low, log_high = float(np.log(cfg.gamma[0])), float(np.log(cfg.gamma[1]))
+        out = out.clamp(0.0, 1.0) ** uniform(log_low, log_high).exp().view(-1, 1, 1, 1)
+    if cfg.floor_p > 0:
+        floored = (torch.rand(batch, device=device) < cfg.floor_p).view(-1, 1, 1, 1)
+        out = torch.where(floored, torch.maximum(out, uniform(*cfg.floor).view(-1, 1, 1, 1)), out)
     if tuple(cfg.brightness) != (1.0, 1.0):
         out = (out * uniform(*cfg.brightness).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
     if tuple(cfg.contrast) != (1.0, 1.0):
@@ -160,6 +221,8 @@ class BoneAgeDataset(Dataset):
         cache: decode and resize every image up front and keep uint8 copies, instead of decoding every epoch.
         raw: return ``image`` as the (1, S, S) uint8 copy, neither augmented nor normalised (the training device
             does both: :func:`augment_batch`, :func:`normalize_batch`).
+        hand_boxes: also return ``hand_box``, the box around the hand in the resized image (top, bottom, left, right
+            as fractions of the side; :func:`boneage.imageio.hand_box`), for the framing augmentation.
     """
 
     def __init__(
@@ -169,6 +232,7 @@ class BoneAgeDataset(Dataset):
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache: bool = False,
         raw: bool = False,
+        hand_boxes: bool = False,
     ):
         if raw and augment is not None:
             raise ValueError("raw samples are augmented on the device: pass augment=None with raw=True")
@@ -181,6 +245,8 @@ class BoneAgeDataset(Dataset):
         self.cache_enabled = cache
         self.raw = raw
         self._cache: torch.Tensor | None = None  # (N, S, S) uint8, filled by fill_cache
+        self.hand_boxes = hand_boxes
+        self._boxes: torch.Tensor | None = None  # (N, 4) float32, filled by fill_cache when hand_boxes
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -193,6 +259,7 @@ class BoneAgeDataset(Dataset):
 
         size = self.contract.image_size
         images = torch.empty((len(self), size, size), dtype=torch.uint8)
+        boxes = torch.empty((len(self), 4), dtype=torch.float32)
         # One image is too small a task for intra-op threads: on a many-core machine, and with several processes,
         # their hand-offs made decoding tens of times slower than one thread.
         threads = torch.get_num_threads()
@@ -200,9 +267,22 @@ class BoneAgeDataset(Dataset):
         try:
             for i in tqdm(range(len(self)), desc="decoding images", disable=not progress, leave=False):
                 images[i] = self._decode_uint8(i)[0]
+                if self.hand_boxes:
+                    boxes[i] = self._box(images[i][None])
         finally:
             torch.set_num_threads(threads)
         self._cache = images
+        self._boxes = boxes if self.hand_boxes else None
+
+    @staticmethod
+    def _box(image: torch.Tensor) -> torch.Tensor:
+        """(1, S, S) uint8, or float in [0, 1] -> the hand box as fractions (top, bottom, left, right)."""
+        array = image[0].numpy().astype(np.float32)
+        if image.dtype == torch.uint8:
+            array /= 255.0
+        top, bottom, left, right = hand_box(array)
+        height, width = array.shape
+        return torch.tensor([top / height, bottom / height, left / width, right / width], dtype=torch.float32)
 
     def _decode_uint8(self, index: int) -> torch.Tensor:
         """(1, S, S) uint8, decoded and resized now: what the cache holds."""
@@ -216,8 +296,11 @@ class BoneAgeDataset(Dataset):
         return self._decode_uint8(index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        box = self._boxes[index] if self._boxes is not None else None
         if self.raw:
             image = self._uint8(index)
+            if self.hand_boxes and box is None:
+                box = self._box(image)
         else:
             # uncached images stay float: no rounding to grey levels
             image = (
@@ -225,14 +308,19 @@ class BoneAgeDataset(Dataset):
                 if self.cache_enabled
                 else load_resized(self.paths[index], self.contract)
             )
+            if self.hand_boxes and box is None:
+                box = self._box(image)
             if self.augment is not None:
                 image = self.augment(image)
             image = normalize(image, self.contract)
         age = self.ages[index]
-        return {
+        sample = {
             "image": image,
             "age_months": age,
             "male": self.male[index],
             "stage": stage_tensor(age),
             "id": self.ids[index],
         }
+        if self.hand_boxes:
+            sample["hand_box"] = box
+        return sample

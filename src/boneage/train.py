@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,12 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-from boneage.config import Config
+from boneage.config import Config, contract_from_description
 from boneage.dataset import BoneAgeDataset, augment_batch, build_augment, normalize_batch, stage_tensor
+from boneage.errors import ConfigError
+from boneage.imageio import STAGE_EDGES_MONTHS, stage_index
 from boneage.labels import make_split, read_labels, read_split
-from boneage.model import BoneAgeNet, load_pretrained, save_model_folder
+from boneage.model import BoneAgeEnsemble, BoneAgeNet, load_model_folder, load_pretrained, save_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class BoneAgeModule(pl.LightningModule):
         self.config = config
         self.model = BoneAgeNet(config.model, in_chans=config.data.in_chans)
         self.save_hyperparameters({"config": config.to_dict()})
+        # per-stage loss weights (train.stage_weight_power), set by run_training from the training table
+        self.register_buffer("stage_weights", torch.ones(len(STAGE_EDGES_MONTHS) + 1), persistent=False)
 
     @property
     def is_regression(self) -> bool:
@@ -53,20 +58,30 @@ class BoneAgeModule(pl.LightningModule):
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         return self.model(image, male)
 
-    def _loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def _loss(self, output: torch.Tensor, batch: dict[str, Any], weighted: bool = False) -> torch.Tensor:
+        """The batch's loss; ``weighted``: each image's weighted by its stage (``train.stage_weight_power``)."""
+        reduction = "none" if weighted else "mean"
         if self.is_regression:
             scale = self.config.model.target_scale
-            return F.huber_loss(
-                output.float() / scale, batch["age_months"] / scale, delta=self.config.model.huber_delta
+            losses = F.huber_loss(
+                output.float() / scale,
+                batch["age_months"] / scale,
+                delta=self.config.model.huber_delta,
+                reduction=reduction,
             )
-        return F.cross_entropy(output.float(), batch["stage"])
+        else:
+            losses = F.cross_entropy(output.float(), batch["stage"], reduction=reduction)
+        if not weighted:
+            return losses
+        weights = self.stage_weights[batch["stage"]]
+        return (losses * weights).sum() / weights.sum()
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # raw uint8 batches (augment.on_device): augment while training, then normalise, on the training device
         if batch["image"].dtype == torch.uint8:
             images = batch["image"].float() / 255.0
             if self.training:
-                images = augment_batch(images, self.config.augment)
+                images = augment_batch(images, self.config.augment, batch.get("hand_box"), self.config.data.source_size)
             batch["image"] = normalize_batch(images, self.config.data)
         return batch
 
@@ -77,7 +92,7 @@ class BoneAgeModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         output = self(self._images(batch), batch["male"])
-        loss = self._loss(output, batch)
+        loss = self._loss(output, batch, weighted=self.config.train.stage_weight_power > 0)
         size = len(batch["male"])
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         if self.is_regression:
@@ -192,6 +207,42 @@ class ProgressLog(Callback):
         self._last_time, self._images = time.perf_counter(), 0
 
 
+def stage_weights(ages_months: np.ndarray, power: float) -> torch.Tensor:
+    """Per-stage loss weights: (share of the commonest stage / share of each stage) ** power, 1 for an empty stage."""
+    counts = np.bincount(stage_index(np.asarray(ages_months, dtype=float)), minlength=len(STAGE_EDGES_MONTHS) + 1)
+    ratio = np.where(counts > 0, counts.max() / np.maximum(counts, 1), 1.0)
+    return torch.tensor(ratio**power, dtype=torch.float32)
+
+
+def init_state(config: Config) -> dict[str, torch.Tensor]:
+    """The weights ``train.init`` names (member ``train.init_member`` of an ensemble), checked against the config:
+    the same network (model section) reading the same input (data contract), or an error naming the first field
+    that differs."""
+    folder, member = config.train.init, config.train.init_member
+    trained, description = load_model_folder(str(folder))
+    if isinstance(trained, BoneAgeEnsemble):
+        if member >= len(trained.members):
+            raise ConfigError(f"train.init_member: {folder} has {len(trained.members)} networks, got {member}")
+        trained = trained.members[member]
+    elif member != 0:
+        raise ConfigError(f"train.init_member: {folder} holds one network, got member {member}")
+    theirs_model = trained.cfg
+    for name in ("task", "backbone", "sex_embedding_dim", "hidden_dims", "target_offset", "target_scale"):
+        ours, theirs = getattr(config.model, name), getattr(theirs_model, name)
+        if (tuple(ours) if isinstance(ours, list | tuple) else ours) != (
+            tuple(theirs) if isinstance(theirs, list | tuple) else theirs
+        ):
+            raise ConfigError(f"model.{name}: {folder} was trained with {theirs!r}, the config has {ours!r}")
+    contract = contract_from_description(description)
+    for name in ("image_size", "resize_mode", "in_chans", "source_size", "standardize", "hand_fill"):
+        ours, theirs = getattr(config.data, name), getattr(contract, name)
+        if (tuple(ours) if isinstance(ours, list | tuple) else ours) != (
+            tuple(theirs) if isinstance(theirs, list | tuple) else theirs
+        ):
+            raise ConfigError(f"data.{name}: {folder} reads images with {theirs!r}, the config has {ours!r}")
+    return {k: v.float() if v.is_floating_point() else v for k, v in trained.state_dict().items()}
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto``: bf16-mixed on CUDA devices that support it, 32-bit elsewhere.
 
@@ -255,6 +306,7 @@ def run_training(config: Config, resume: bool = False) -> Path:
     config.validate()
     cfg = config.train
     run_dir = Path(cfg.output)
+    initial = init_state(config) if cfg.init and not resume else None  # checked before minutes of decoding
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     train_table, val_table, split = prepare_tables(config)
 
@@ -277,6 +329,7 @@ def run_training(config: Config, resume: bool = False) -> Path:
         augment=None if on_device else build_augment(config.augment),
         cache=config.data.cache_images,
         raw=on_device,
+        hand_boxes=config.augment.frame_p > 0,
     )
     val_ds = BoneAgeDataset(val_table, config.data, cache=config.data.cache_images, raw=on_device)
     if config.data.cache_images:
@@ -296,8 +349,12 @@ def run_training(config: Config, resume: bool = False) -> Path:
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kwargs)
 
     module = BoneAgeModule(config)
+    module.stage_weights.copy_(stage_weights(train_table["boneage"].to_numpy(), cfg.stage_weight_power))
     if not resume:
-        load_pretrained(module.model, config.model.pretrained)
+        if initial is not None:
+            module.model.load_state_dict(initial, strict=True)
+        else:
+            load_pretrained(module.model, config.model.pretrained)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
 
