@@ -95,7 +95,8 @@ class AugmentConfig:
     frame_fill_height: tuple[float, float] = (0.45, 1.0)
     frame_fill_width: tuple[float, float] = (0.35, 1.0)
     # Augment whole batches on the training device (after the copy) instead of each image in the loader workers;
-    # the loader then sends uint8 single-channel images. Same kinds and ranges; for GPU runs, whose loaders are slow.
+    # the loader then sends uint8 single-channel images. Same kinds and ranges, plus gamma, floor and framing, which
+    # only this path has; for GPU runs, whose loaders are slow.
     on_device: bool = False
 
 
@@ -128,7 +129,8 @@ class TrainConfig:
     warmup_epochs: float = 5.0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     # Fine-tuning: a model folder whose network (member init_member of an ensemble) starts the run instead of the
-    # pretrained backbone; its architecture must match the model section.
+    # pretrained backbone; it must match the model section (task, backbone, head, target scale) and the data
+    # contract (image_size, resize_mode, in_chans, source_size, standardize, hand_fill), checked before decoding.
     init: str | None = None
     init_member: int = 0
     # Weight each training image's loss by (share of the commonest stage / share of its stage) ** this: 0 = plain
