@@ -214,6 +214,15 @@ def stage_weights(ages_months: np.ndarray, power: float) -> torch.Tensor:
     return torch.tensor(ratio**power, dtype=torch.float32)
 
 
+INIT_MODEL_FIELDS = ("task", "backbone", "sex_embedding_dim", "hidden_dims", "target_offset", "target_scale")
+INIT_DATA_FIELDS = ("image_size", "resize_mode", "in_chans", "source_size", "standardize", "hand_fill")
+
+
+def _plain(value: Any) -> Any:
+    """A list and a tuple of the same values compare equal (config.json stores tuples as lists)."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
 def init_state(config: Config) -> dict[str, torch.Tensor]:
     """The weights ``train.init`` names (member ``train.init_member`` of an ensemble), checked against the config:
     the same network (model section) reading the same input (data contract), or an error naming the first field
@@ -227,19 +236,15 @@ def init_state(config: Config) -> dict[str, torch.Tensor]:
     elif member != 0:
         raise ConfigError(f"train.init_member: {folder} holds one network, got member {member}")
     theirs_model = trained.cfg
-    for name in ("task", "backbone", "sex_embedding_dim", "hidden_dims", "target_offset", "target_scale"):
-        ours, theirs = getattr(config.model, name), getattr(theirs_model, name)
-        if (tuple(ours) if isinstance(ours, list | tuple) else ours) != (
-            tuple(theirs) if isinstance(theirs, list | tuple) else theirs
-        ):
-            raise ConfigError(f"model.{name}: {folder} was trained with {theirs!r}, the config has {ours!r}")
-    contract = contract_from_description(description)
-    for name in ("image_size", "resize_mode", "in_chans", "source_size", "standardize", "hand_fill"):
-        ours, theirs = getattr(config.data, name), getattr(contract, name)
-        if (tuple(ours) if isinstance(ours, list | tuple) else ours) != (
-            tuple(theirs) if isinstance(theirs, list | tuple) else theirs
-        ):
-            raise ConfigError(f"data.{name}: {folder} reads images with {theirs!r}, the config has {ours!r}")
+    checks = (
+        ("model", config.model, theirs_model, "was trained with", INIT_MODEL_FIELDS),
+        ("data", config.data, contract_from_description(description), "reads images with", INIT_DATA_FIELDS),
+    )
+    for section, ours_cfg, theirs_cfg, verb, names in checks:
+        for name in names:
+            ours, theirs = getattr(ours_cfg, name), getattr(theirs_cfg, name)
+            if _plain(ours) != _plain(theirs):
+                raise ConfigError(f"{section}.{name}: {folder} {verb} {theirs!r}, the config has {ours!r}")
     return {k: v.float() if v.is_floating_point() else v for k, v in trained.state_dict().items()}
 
 
