@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from boneage.followup import change_text, visit_line
-from boneage.rows import summary_line
+from boneage.rows import finish_row, score_over_limit, summary_line
 
 
 def _ok(**fields: Any) -> dict[str, Any]:
@@ -100,3 +100,14 @@ def test_visit_line_and_change_text():
         "1516: age 10y 4m, bone age 98.8 (81-116), SDS -2.13, delayed; since the visit before: +24.0 months of age, "
         "-45.5 of bone age, ratio -1.90, error +/-25: slower than age"
     )
+
+
+def test_a_score_just_over_its_limit_reads_over_it():
+    assert score_over_limit(19.34, 3.1) == "19.3 > 3.1"
+    assert score_over_limit(3.004, 2.986) == "3.00 > 2.99" and score_over_limit(3.0004, 2.9996) == "3.0004 > 2.9996"
+    row = {"path": "/x/1397.png"}
+    finish_row(row, 30.0, 0, score=3.004, threshold=2.986)
+    assert row["status"] == "not assessable" and "(score 3.00 > 2.99)" in row["message"]
+    row = {"path": "/x/n.png"}  # inverted, but not readable inverted either
+    finish_row(row, 30.0, 0, score=8.0, threshold=2.986, inverted=True, inverse_score=3.004)
+    assert "(score 8.0, inverted 3.00 > 2.99)" in row["message"]

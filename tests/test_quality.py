@@ -73,3 +73,63 @@ def test_fit_store_and_refuse_non_hand_images(tmp_path):
     (folder / ASSESSABILITY_FILE).write_bytes(b"tampered")
     with pytest.raises(ModelFolderError, match="checksum"):
         TorchPredictor.load(folder)
+
+
+def _folder_trained_with(tmp_path, augment: dict | None):
+    """A tiny untrained folder whose config.json records a training augmentation (as a trained folder does)."""
+    from boneage.config import Config
+
+    torch.manual_seed(0)
+    model = BoneAgeNet(ModelConfig(pretrained="none", target_offset=120.0, target_scale=40.0)).eval()
+    training = None
+    if augment is not None:
+        config = Config().to_dict()
+        config["augment"].update(augment)
+        training = {"config": config}
+    return save_model_folder(tmp_path / "model", model, DataConfig(image_size=64, standardize=True), training=training)
+
+
+def test_trained_augmentation_is_read_from_the_folder_and_checked(tmp_path):
+    from boneage.config import ConfigError
+    from boneage.fit_checks import trained_augmentation
+
+    assert trained_augmentation({"training": {}}) is None and trained_augmentation({}) is None
+    folder = _folder_trained_with(tmp_path, {"rotation_degrees": 20.0, "zoom": [0.8, 1.5]})
+    augment = trained_augmentation(TorchPredictor.load(folder).description)
+    assert augment is not None and augment.rotation_degrees == 20.0 and tuple(augment.zoom) == (0.8, 1.5)
+    with pytest.raises(ConfigError, match=r"x/config.json training.config: augment.frame_p.*--no-trained-views"):
+        trained_augmentation({"training": {"config": {"augment": {"frame_p": 1.5}}}}, "x/config.json")
+
+
+def test_check_fit_with_trained_views_accepts_them_better(tmp_path):
+    """Fit on the train images as given and as augmented in training, the check scores augmented held-out images
+    closer to the training set than a check fit on the images as given alone."""
+    from boneage.dataset import BoneAgeDataset
+    from boneage.fit_checks import augmented_features, backbone_features, trained_augmentation
+
+    labels, images = write_rsna_folder(tmp_path / "data", n=64, size=64)
+    table = read_labels(labels, images)
+    augment = {"rotation_degrees": 25.0, "zoom": [0.7, 1.6], "gamma": [0.6, 1.6], "frame_p": 0.5, "on_device": True}
+    folder = _folder_trained_with(tmp_path, augment)
+    non_hand = write_non_hand_images(tmp_path / "nonhand", size=64)
+    plain = fit_assessability(folder, table[:48], table[48:], non_hand, n_components=8, trained_views=False)
+    assert "trained_views" not in plain and "augmented once" not in plain["method"]
+    predictor = TorchPredictor.load(folder)
+    plain_check = predictor.assessability
+    summary = fit_assessability(folder, table[:48], table[48:], non_hand, n_components=8)
+    assert summary["trained_views"]["rotation_degrees"] == 25.0 and "augmented once" in summary["method"]
+    assert summary["n_train"] == 48 and summary["n_fit"] == 96
+    views_check = TorchPredictor.load(folder).assessability
+    held_out = table[48:].reset_index(drop=True)
+    recipe = trained_augmentation(predictor.description)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    augmented = torch.from_numpy(augmented_features(predictor, held_out, recipe, seed=7))
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random state is left as it was
+    assert float(views_check.score(augmented).median()) < float(plain_check.score(augmented).median())
+    first = augmented_features(predictor, held_out, recipe, seed=7)
+    assert np.array_equal(first, augmented.numpy())  # the draws follow the seed
+    as_given = backbone_features(predictor, held_out, num_workers=0)
+    assert first.shape == as_given.shape == (len(BoneAgeDataset(held_out, predictor.contract)), 1280)
+    assert not np.allclose(first, as_given)  # the views are not the images as given

@@ -96,6 +96,20 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
     return correction
 
 
+def measure_fullres(model_dir: Path, tmp: Path) -> dict:
+    """The full-resolution samples through a finished folder, every refusal check included: the presentation checks'
+    figures (``polarity`` / ``orientation`` -> ``fullres_samples``) and ``metrics.fullres_samples``. After the
+    checks are fit again (``boneage fit-checks``), this brings those figures up to date: then attach ONNX again."""
+    labels = pd.read_csv(FULLRES / "labels.csv")
+    paths = [FULLRES / "images" / f"{i}.png" for i in labels["id"]]
+    measure_presentation(model_dir, paths, labels["male"], labels["boneage"], "fullres_samples", "torch")
+    predictions = predict_fullres(model_dir, tmp / "full.csv")
+    full = headline(evaluate(predictions, FULLRES / "labels.csv", figures=False))
+    full["n_not_assessable"] = int((pd.read_csv(predictions)["status"] == "not assessable").sum())
+    _update(model_dir, "metrics", fullres_samples=full)
+    return full
+
+
 def _update(folder: Path, section: str, **fields) -> None:
     """Set ``fields`` in one section of a model folder's config.json."""
     from boneage.model_folder import update_description
@@ -195,16 +209,7 @@ def main() -> None:
         presentation = fit_presentation(
             building, table[table["split"] == "train"], table[table["split"] == "val"], backend="torch"
         )
-        # the full-resolution samples through the finished folder, refusal check included
-        full = {}
-        if FULLRES.is_dir():
-            labels = pd.read_csv(FULLRES / "labels.csv")
-            paths = [FULLRES / "images" / f"{i}.png" for i in labels["id"]]
-            measure_presentation(building, paths, labels["male"], labels["boneage"], "fullres_samples", "torch")
-            predictions = predict_fullres(building, tmp / "full.csv")
-            full = headline(evaluate(predictions, FULLRES / "labels.csv", figures=False))
-            full["n_not_assessable"] = int((pd.read_csv(predictions)["status"] == "not assessable").sum())
-            _update(building, "metrics", fullres_samples=full)
+        full = measure_fullres(building, tmp) if FULLRES.is_dir() else {}
     from boneage.export import attach_onnx
 
     onnx_report = attach_onnx(building)

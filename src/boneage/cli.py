@@ -841,6 +841,13 @@ def _add_fit_checks(commands: _Commands) -> None:
     checks.add_argument("--images", required=True, help="folder of <id>.png")
     checks.add_argument("--split", required=True, help="id,split CSV: fit on its train, threshold and measure on val")
     checks.add_argument("--max-train", type=int, default=3000, help="train images to fit on (default: 3000)")
+    checks.add_argument(
+        "--no-trained-views",
+        dest="trained_views",
+        action="store_false",
+        help="fit the not-assessable check on the train images as given only, not also as augmented in training "
+        "(the augmentation the folder records)",
+    )
     checks.set_defaults(func=_run_fit_checks)
 
 
@@ -853,6 +860,7 @@ def _run_fit_checks(args: argparse.Namespace) -> int:
         images=args.images,
         split=args.split,
         max_train=args.max_train,
+        trained_views=args.trained_views,
     )
     refusal, polarity, orientation = result["assessability"], result["polarity"]["val"], result["orientation"]["val"]
     print(

@@ -1,5 +1,7 @@
 """Fitting a model folder's refusals: the "not assessable" check (:mod:`boneage.assessability`) and the checks for
 inverted and turned radiographs (:mod:`boneage.presentation`), fit on train images and set and measured on val.
+The "not assessable" check learns the train images both as given and as the networks saw them in training (the
+folder's recorded augmentation), so a film framed or exposed within what training covered is not refused.
 
 ``boneage fit-checks`` (:func:`fit_checks`) runs all three and stores them in the folder; the statistics need
 scikit-learn, the features PyTorch.
@@ -7,6 +9,7 @@ scikit-learn, the features PyTorch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,9 @@ import torch
 from boneage.assessability import Assessability
 from boneage.backends.base import PREDICT_BATCH_SIZE, Predictor
 from boneage.backends.torch import TorchPredictor
-from boneage.dataset import BoneAgeDataset, preprocess
+from boneage.config import AugmentConfig, Config
+from boneage.dataset import BoneAgeDataset, augment_batch, normalize_batch, preprocess
+from boneage.errors import ConfigError
 from boneage.explain import extract_features
 from boneage.export import attach_onnx
 from boneage.imageio import preprocess_array
@@ -89,6 +94,42 @@ def backbone_features(predictor: Any, table: Any, batch_size: int = 64, num_work
     return features[:, : predictor.model.backbone.num_features]
 
 
+def trained_augmentation(description: dict[str, Any], where: str | Path = "config.json") -> AugmentConfig | None:
+    """The augmentation a model folder's networks were trained with (``training.config.augment`` in its
+    config.json, named ``where`` in errors), or None for a folder without that record."""
+    recorded = ((description.get("training") or {}).get("config") or {}).get("augment")
+    if not recorded:
+        return None
+    try:
+        return Config.from_dict({"augment": recorded}, source=f"{where} training.config").augment
+    except ConfigError as err:
+        raise ConfigError(
+            f"{err}; the refusal check cannot learn the training views from it: fit it on the images as given "
+            "(fit_assessability(trained_views=False), boneage fit-checks --no-trained-views)"
+        ) from None
+
+
+def augmented_features(
+    predictor: Any, table: Any, augment: AugmentConfig, seed: int = 0, batch_size: int = 64
+) -> np.ndarray:
+    """(N, F) pooled backbone features of a labels table's images, each augmented once as in training
+    (:func:`boneage.dataset.augment_batch`, which has every kind the recipes use; the random draws follow ``seed``)."""
+    from torch.utils.data import DataLoader
+
+    dataset = BoneAgeDataset(table, predictor.contract, raw=True, hand_boxes=augment.frame_p > 0)
+    features = []
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():  # the caller's random state is left as it was
+        torch.default_generator.manual_seed(seed)  # the draws are on the CPU: other devices' states are not touched
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            images = augment_batch(
+                batch["image"].float() / 255.0, augment, batch.get("hand_box"), predictor.contract.source_size
+            )
+            images = normalize_batch(images, predictor.contract).contiguous(memory_format=torch.channels_last)
+            pooled = predictor.model.forward_features(images, batch["male"])
+            features.append(pooled[:, : predictor.model.backbone.num_features].float().numpy())
+    return np.concatenate(features)
+
+
 def fit_assessability(
     model_dir: str | Path,
     train_table: Any,
@@ -98,15 +139,23 @@ def fit_assessability(
     quantile: float = 0.995,
     seed: int = 0,
     n_components: int = 32,
+    trained_views: bool = True,
 ) -> dict[str, Any]:
     """Fit the check on train features, set the threshold on one half of val, measure acceptance on the other half
-    and rejection of ``non_hand`` images; store it in the model folder. Returns the summary."""
+    and rejection of ``non_hand`` images; store it in the model folder. Returns the summary.
+
+    With ``trained_views`` and a folder that records its training augmentation, the check learns each sampled train
+    image twice: as given and augmented once as in training (:func:`augmented_features`). The networks were trained
+    on those views, so a film framed, turned slightly or exposed within them is readable: fit on the images as given
+    alone, the check refused ordinary clinic films, tightly cropped ones most (MODEL_CARD.md, "Real films")."""
 
     predictor = TorchPredictor.load(model_dir)
     sample = train_table.sample(n=min(max_train, len(train_table)), random_state=seed).reset_index(drop=True)
-    check = Assessability.fit(
-        backbone_features(predictor, sample, num_workers=0 if len(sample) < 256 else 2), n_components
-    )
+    augment = trained_augmentation(predictor.description, Path(model_dir) / "config.json") if trained_views else None
+    fit_on = backbone_features(predictor, sample, num_workers=0 if len(sample) < 256 else 2)
+    if augment is not None:
+        fit_on = np.concatenate([fit_on, augmented_features(predictor, sample, augment, seed=seed)])
+    check = Assessability.fit(fit_on, n_components)
     halves = make_split(val_table, fractions=(0.5, 0.5, 0.0), seed=seed)["split"].to_numpy()
     val_features = backbone_features(predictor, val_table, num_workers=0 if len(val_table) < 256 else 2)
     val_scores = check.score(torch.from_numpy(val_features)).numpy()
@@ -117,10 +166,14 @@ def fit_assessability(
         non_hand_features = predictor.model.forward_features(images, male)[:, : predictor.model.backbone.num_features]
     non_hand_scores = check.score(non_hand_features).numpy()
     summary = {
-        "method": "PCA of pooled backbone features of train images; score = whitened in-subspace distance + "
-        "reconstruction residual (about 1 on train); threshold = the 99.5th percentile on one half of val",
+        "method": "PCA of pooled backbone features of train images"
+        + (" as given and augmented once as in training" if augment is not None else "")
+        + "; score = whitened in-subspace distance + reconstruction residual (about 1 on train); threshold = the "
+        f"{quantile * 100:g}th percentile on one half of val",
         "n_components": int(check.components.shape[0]),
         "n_train": len(sample),
+        "n_fit": len(fit_on),  # each train image once as given, and once augmented with trained_views
+        **({"trained_views": dataclasses.asdict(augment)} if augment is not None else {}),
         "threshold_set_on": f"val calibration half (n={int((halves == 'train').sum())})",
         "acceptance_heldout_val": float((val_scores[halves == "val"] <= check.threshold).mean()),
         "n_heldout_val": int((halves == "val").sum()),
@@ -139,6 +192,7 @@ def fit_checks(
     max_train: int = 3000,
     n_components: int = 32,
     seed: int = 0,
+    trained_views: bool = True,
 ) -> dict[str, Any]:
     """Give a trained model folder the shipped model's refusals: the "not assessable" check (:func:`fit_assessability`)
     and the checks for inverted and turned radiographs (:func:`fit_presentation`), fit on the
@@ -160,7 +214,14 @@ def fit_checks(
     with tempfile.TemporaryDirectory(prefix="boneage-non-hand-") as folder:
         non_hand = write_non_hand_images(folder, seed=seed)
         assessability = fit_assessability(
-            model_dir, train, val, non_hand, max_train, seed=seed, n_components=n_components
+            model_dir,
+            train,
+            val,
+            non_hand,
+            max_train,
+            seed=seed,
+            n_components=n_components,
+            trained_views=trained_views,
         )
     has_onnx = (model_dir / ONNX_FILE).is_file()
     if has_onnx:  # with the refusal score in the graph, onnxruntime measures the next checks about 4x faster

@@ -120,6 +120,16 @@ def row_checks(result: dict[str, Any], k: int) -> dict[str, Any]:
     }
 
 
+def score_over_limit(score: float, threshold: float) -> str:
+    """``"3.01 > 2.98"``: a refusal score over its limit, with as many decimals (1 to 6) as it takes for the two to
+    read differently, so a score just over the limit does not read "3.0 > 3.0"."""
+    for decimals in range(1, 7):
+        shown_score, shown_limit = f"{score:.{decimals}f}", f"{threshold:.{decimals}f}"
+        if shown_score != shown_limit:
+            break
+    return f"{shown_score} > {shown_limit}"
+
+
 def finish_row(
     row: dict[str, Any],
     months: float,
@@ -143,7 +153,7 @@ def finish_row(
         row.update(
             status="not assessable",
             message=f"{row['path']}: does not look like the hand radiographs the model knows "
-            f"(score {score:.1f}, {how} {corrected:.1f}; the limit is {threshold:.1f}); {READABLE}",
+            f"(score {score:.1f}, {how} {score_over_limit(corrected, threshold)}); {READABLE}",
         )
         return
     if inverted:
@@ -156,7 +166,7 @@ def finish_row(
         row.update(
             status="not assessable",
             message=f"{row['path']}: does not look like the hand radiographs the model knows "
-            f"(score {score:.1f} > {threshold:.1f}); {READABLE}",
+            f"(score {score_over_limit(score, threshold)}); {READABLE}",
         )
         return
     regression = months == months  # not NaN
