@@ -449,8 +449,13 @@ def test_gamma_and_floor_are_what_they_say():
     images = torch.rand(8, 1, 16, 16)
     squared = augment_batch(images, AugmentConfig(**{**_OFF, "gamma": (2.0, 2.0)}))
     torch.testing.assert_close(squared, images**2)
-    floored = augment_batch(images, AugmentConfig(**{**_OFF, "floor": (0.3, 0.3), "floor_p": 1.0}))
-    assert torch.equal(floored, images.clamp_min(0.3))
+    floor = AugmentConfig(**{**_OFF, "floor": (0.3, 0.3), "floor_p": 1.0})
+    floored = augment_batch(images, floor)
+    low, high = torch.quantile(images.flatten(1), torch.tensor([0.01, 0.99]), dim=1)
+    torch.testing.assert_close(floored, torch.maximum(images, (low + 0.3 * (high - low)).view(-1, 1, 1, 1)))
+    dim = 0.25 * images  # a dim copy (its brightest 0.25): the floor is a share of its own range, not 0.3
+    dim_floored = augment_batch(dim, floor)
+    assert (dim_floored.flatten(1).max(dim=1).values > dim_floored.flatten(1).min(dim=1).values + 0.1).all()
     drawn = augment_batch(images, AugmentConfig(**{**_OFF, "gamma": (0.5, 2.0)}))
     exponents = (drawn.log() / images.log()).flatten(1).median(dim=1).values
     assert (exponents >= 0.5 - 1e-3).all() and (exponents <= 2.0 + 1e-3).all() and exponents.std() > 0.1

@@ -82,7 +82,8 @@ class AugmentConfig:
     contrast: tuple[float, float] = (0.85, 1.15)
     hflip_p: float = 0.5
     # A clinic's rendering: gamma (x ** g, g drawn log-uniformly in this range) and, with probability floor_p, a
-    # bright background (x -> max(x, f), f drawn in ``floor``: dark soft tissue and air flattened to one grey level).
+    # bright background (x -> max(x, level): dark soft tissue and air flattened to one grey level), the level a share
+    # f of the way from the image's 1st to its 99th percentile, f drawn in ``floor``: a dim copy keeps its hand.
     # Per-image standardisation removes any linear change of brightness or contrast, not these.
     gamma: tuple[float, float] = (1.0, 1.0)
     floor: tuple[float, float] = (0.0, 0.0)

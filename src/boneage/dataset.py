@@ -174,9 +174,11 @@ def augment_batch(
     if tuple(cfg.gamma) != (1.0, 1.0):
         log_low, log_high = float(np.log(cfg.gamma[0])), float(np.log(cfg.gamma[1]))
         out = out.clamp(0.0, 1.0) ** uniform(log_low, log_high).exp().view(-1, 1, 1, 1)
-    if cfg.floor_p > 0:
+    if cfg.floor_p > 0:  # the level is a share of each image's own range: a dim copy keeps its hand
         floored = (torch.rand(batch, device=device) < cfg.floor_p).view(-1, 1, 1, 1)
-        out = torch.where(floored, torch.maximum(out, uniform(*cfg.floor).view(-1, 1, 1, 1)), out)
+        low, high = torch.quantile(out.flatten(1), torch.tensor([0.01, 0.99], device=device, dtype=out.dtype), dim=1)
+        level = (low + uniform(*cfg.floor) * (high - low)).view(-1, 1, 1, 1)
+        out = torch.where(floored, torch.maximum(out, level), out)
     if tuple(cfg.brightness) != (1.0, 1.0):
         out = (out * uniform(*cfg.brightness).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
     if tuple(cfg.contrast) != (1.0, 1.0):
