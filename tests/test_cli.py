@@ -128,7 +128,9 @@ def test_cli_fit_checks_gives_a_trained_folder_the_refusals(tmp_path, capsys):
     # every file of the folder readable by the service account that will load it, as the umask allows
     assert all(path.stat().st_mode & 0o044 == 0o044 for path in folder.iterdir()), folder
     printed = capsys.readouterr().out
-    assert "not assessable: threshold set on val calibration half (n=6)" in printed
+    assert (
+        "not assessable: learnt the train images as given only; threshold set on val calibration half (n=6)" in printed
+    )
     assert "model.onnx exported again" in printed
     stored = json.loads((folder / "config.json").read_text())
     assert {"assessability", "polarity", "orientation"} <= set(stored)
@@ -151,6 +153,21 @@ def test_cli_fit_checks_names_a_split_too_small(tmp_path, rsna_folder, capsys):
     args = ["--model", str(folder), "--labels", str(labels), "--images", str(images), "--split", str(split)]
     assert main(["fit-checks", *args]) != 0
     assert "fitting the checks needs at least 32 train and 4 val images; found 0 and 48" in capsys.readouterr().err
+
+
+def test_cli_fit_checks_passes_no_trained_views(tmp_path, monkeypatch, capsys):
+    import boneage.fit_checks
+
+    seen = []
+
+    def fake_fit_checks(**kwargs):
+        seen.append(kwargs["trained_views"])
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(boneage.fit_checks, "fit_checks", fake_fit_checks)
+    args = ["--model", "m", "--labels", "l.csv", "--images", "i", "--split", "s.csv"]
+    assert main(["fit-checks", *args]) != 0 and main(["fit-checks", *args, "--no-trained-views"]) != 0
+    assert seen == [True, False]
 
 
 def test_output_piped_into_a_reader_that_stops_is_not_a_crash(tmp_path, monkeypatch):

@@ -105,6 +105,7 @@ def test_visit_line_and_change_text():
 def test_a_score_just_over_its_limit_reads_over_it():
     assert score_over_limit(19.34, 3.1) == "19.3 > 3.1"
     assert score_over_limit(3.004, 2.986) == "3.00 > 2.99" and score_over_limit(3.0004, 2.9996) == "3.0004 > 2.9996"
+    assert score_over_limit(2.9848991, 2.98489906) == "2.984899, just over 2.984899"
     row = {"path": "/x/1397.png"}
     finish_row(row, 30.0, 0, score=3.004, threshold=2.986)
     assert row["status"] == "not assessable" and "(score 3.00 > 2.99)" in row["message"]

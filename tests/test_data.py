@@ -456,6 +456,14 @@ def test_gamma_and_floor_are_what_they_say():
     dim = 0.25 * images  # a dim copy (its brightest 0.25): the floor is a share of its own range, not 0.3
     dim_floored = augment_batch(dim, floor)
     assert (dim_floored.flatten(1).max(dim=1).values > dim_floored.flatten(1).min(dim=1).values + 0.1).all()
+    absolute = augment_batch(
+        dim, AugmentConfig(**{**_OFF, "floor": (0.3, 0.3), "floor_p": 1.0, "floor_mode": "absolute"})
+    )
+    torch.testing.assert_close(absolute, torch.full_like(dim, 0.3))  # an older recipe's meaning: the hand is erased
+    some = augment_batch(images, AugmentConfig(**{**_OFF, "floor": (0.3, 0.3), "floor_p": 0.5}))
+    changed = (some != images).flatten(1).any(dim=1)
+    torch.testing.assert_close(some[changed], floored[changed])
+    assert 0 < int(changed.sum()) < len(images)  # each image draws whether it is floored
     drawn = augment_batch(images, AugmentConfig(**{**_OFF, "gamma": (0.5, 2.0)}))
     exponents = (drawn.log() / images.log()).flatten(1).median(dim=1).values
     assert (exponents >= 0.5 - 1e-3).all() and (exponents <= 2.0 + 1e-3).all() and exponents.std() > 0.1

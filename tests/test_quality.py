@@ -99,6 +99,14 @@ def test_trained_augmentation_is_read_from_the_folder_and_checked(tmp_path):
     assert augment is not None and augment.rotation_degrees == 20.0 and tuple(augment.zoom) == (0.8, 1.5)
     with pytest.raises(ConfigError, match=r"x/config.json training.config: augment.frame_p.*--no-trained-views"):
         trained_augmentation({"training": {"config": {"augment": {"frame_p": 1.5}}}}, "x/config.json")
+    with pytest.raises(ConfigError, match=r"augment.floor_mode: expected one of .*'share', 'absolute'.*got 'level'"):
+        trained_augmentation({"training": {"config": {"augment": {"floor_mode": "level"}}}})
+    # a folder trained now records its floor's meaning; a record from before floor_mode existed used absolute levels
+    assert augment.floor_mode == "share"
+    old = trained_augmentation(
+        {"training": {"config": {"augment": {"floor": [0.1, 0.3], "floor_p": 0.3, "on_device": True}}}}
+    )
+    assert old is not None and old.floor_mode == "absolute" and tuple(old.floor) == (0.1, 0.3)
 
 
 def test_check_fit_with_trained_views_accepts_them_better(tmp_path):

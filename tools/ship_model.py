@@ -68,9 +68,16 @@ def predict_subset(model_dir: Path, tmp: Path, name: str, subset: str, tta: bool
 
 
 def predict_fullres(model_dir: Path, output: Path, tta: bool | None = None) -> Path:
-    """Predict the full-resolution samples (sex from their labels) into ``output``."""
+    """Predict the full-resolution samples (sex from their labels) into ``output``, on PyTorch as every figure here
+    (a finished folder's ``model.onnx`` may hold checks older than its config.json until it is attached again)."""
     predict_paths(
-        [FULLRES / "images"], output, model_dir=model_dir, metadata=FULLRES / "labels.csv", progress=False, tta=tta
+        [FULLRES / "images"],
+        output,
+        model_dir=model_dir,
+        metadata=FULLRES / "labels.csv",
+        progress=False,
+        backend="torch",
+        tta=tta,
     )
     return output
 

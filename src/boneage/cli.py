@@ -863,8 +863,10 @@ def _run_fit_checks(args: argparse.Namespace) -> int:
         trained_views=args.trained_views,
     )
     refusal, polarity, orientation = result["assessability"], result["polarity"]["val"], result["orientation"]["val"]
+    learnt = "as given and as augmented in training" if "trained_views" in refusal else "as given only"
     print(
-        f"not assessable: threshold set on {refusal['threshold_set_on']}; on the other half of val "
+        f"not assessable: learnt the train images {learnt}; threshold set on {refusal['threshold_set_on']}; "
+        "on the other half of val "
         f"{refusal['acceptance_heldout_val']:.1%} accepted (n={refusal['n_heldout_val']}); "
         f"{refusal['rejection_non_hand']:.0%} of {len(refusal['non_hand_scores'])} non-hand images refused"
     )

@@ -23,6 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TASKS = ("regression", "classification")
 RESIZE_MODES = ("squash", "letterbox")
+FLOOR_MODES = ("share", "absolute")
 
 
 @dataclass
@@ -84,10 +85,13 @@ class AugmentConfig:
     # A clinic's rendering: gamma (x ** g, g drawn log-uniformly in this range) and, with probability floor_p, a
     # bright background (x -> max(x, level): dark soft tissue and air flattened to one grey level), the level a share
     # f of the way from the image's 1st to its 99th percentile, f drawn in ``floor``: a dim copy keeps its hand.
+    # floor_mode "absolute" reads ``floor`` as levels of the [0, 1] scale instead: the meaning before floor_mode was
+    # recorded, kept so that an older folder's recorded augmentation is read as it was trained.
     # Per-image standardisation removes any linear change of brightness or contrast, not these.
     gamma: tuple[float, float] = (1.0, 1.0)
     floor: tuple[float, float] = (0.0, 0.0)
     floor_p: float = 0.0
+    floor_mode: str = "share"
     # A clinic's framing: with probability frame_p the image is re-framed around its hand (the box of
     # :func:`boneage.imageio.hand_box`) so that the box fills a fraction of the frame's height drawn in
     # frame_fill_height and of its width in frame_fill_width: near 1 a tight crop, near 0.4 a small hand in a large
@@ -218,6 +222,8 @@ class Config:
                 raise ConfigError(
                     f"augment.{name}: expected {low_limit} <= low <= high <= {high_limit}, got ({low}, {high})"
                 )
+        if self.augment.floor_mode not in FLOOR_MODES:
+            raise ConfigError(f"augment.floor_mode: expected one of {FLOOR_MODES}, got {self.augment.floor_mode!r}")
         uses_batch_only = (
             tuple(self.augment.gamma) != (1.0, 1.0) or self.augment.floor_p > 0 or self.augment.frame_p > 0
         )

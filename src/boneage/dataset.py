@@ -176,8 +176,12 @@ def augment_batch(
         out = out.clamp(0.0, 1.0) ** uniform(log_low, log_high).exp().view(-1, 1, 1, 1)
     if cfg.floor_p > 0:  # the level is a share of each image's own range: a dim copy keeps its hand
         floored = (torch.rand(batch, device=device) < cfg.floor_p).view(-1, 1, 1, 1)
-        low, high = torch.quantile(out.flatten(1), torch.tensor([0.01, 0.99], device=device, dtype=out.dtype), dim=1)
-        level = (low + uniform(*cfg.floor) * (high - low)).view(-1, 1, 1, 1)
+        if cfg.floor_mode == "absolute":
+            level = uniform(*cfg.floor).view(-1, 1, 1, 1)
+        else:
+            quantiles = torch.tensor([0.01, 0.99], device=device, dtype=out.dtype)
+            low, high = torch.quantile(out.flatten(1), quantiles, dim=1)
+            level = (low + uniform(*cfg.floor) * (high - low)).view(-1, 1, 1, 1)
         out = torch.where(floored, torch.maximum(out, level), out)
     if tuple(cfg.brightness) != (1.0, 1.0):
         out = (out * uniform(*cfg.brightness).view(-1, 1, 1, 1)).clamp(0.0, 1.0)

@@ -1,7 +1,7 @@
 """Fitting a model folder's refusals: the "not assessable" check (:mod:`boneage.assessability`) and the checks for
 inverted and turned radiographs (:mod:`boneage.presentation`), fit on train images and set and measured on val.
 The "not assessable" check learns the train images both as given and as the networks saw them in training (the
-folder's recorded augmentation), so a film framed or exposed within what training covered is not refused.
+folder's recorded augmentation), so a film framed or exposed within what training covered is seldom refused.
 
 ``boneage fit-checks`` (:func:`fit_checks`) runs all three and stores them in the folder; the statistics need
 scikit-learn, the features PyTorch.
@@ -100,6 +100,8 @@ def trained_augmentation(description: dict[str, Any], where: str | Path = "confi
     recorded = ((description.get("training") or {}).get("config") or {}).get("augment")
     if not recorded:
         return None
+    if "floor_mode" not in recorded:  # recorded before the floor became a share of each image's range
+        recorded = {**recorded, "floor_mode": "absolute"}
     try:
         return Config.from_dict({"augment": recorded}, source=f"{where} training.config").augment
     except ConfigError as err:
@@ -152,6 +154,8 @@ def fit_assessability(
     predictor = TorchPredictor.load(model_dir)
     sample = train_table.sample(n=min(max_train, len(train_table)), random_state=seed).reset_index(drop=True)
     augment = trained_augmentation(predictor.description, Path(model_dir) / "config.json") if trained_views else None
+    if trained_views and augment is None:
+        logger.warning("%s records no training augmentation: the check learns the images as given only", model_dir)
     fit_on = backbone_features(predictor, sample, num_workers=0 if len(sample) < 256 else 2)
     if augment is not None:
         fit_on = np.concatenate([fit_on, augmented_features(predictor, sample, augment, seed=seed)])

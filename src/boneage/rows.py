@@ -122,12 +122,12 @@ def row_checks(result: dict[str, Any], k: int) -> dict[str, Any]:
 
 def score_over_limit(score: float, threshold: float) -> str:
     """``"3.01 > 2.98"``: a refusal score over its limit, with as many decimals (1 to 6) as it takes for the two to
-    read differently, so a score just over the limit does not read "3.0 > 3.0"."""
+    read differently, so a score just over the limit does not read "3.0 > 3.0"; closer than that, "just over"."""
     for decimals in range(1, 7):
         shown_score, shown_limit = f"{score:.{decimals}f}", f"{threshold:.{decimals}f}"
         if shown_score != shown_limit:
-            break
-    return f"{shown_score} > {shown_limit}"
+            return f"{shown_score} > {shown_limit}"
+    return f"{shown_score}, just over {shown_limit}"
 
 
 def finish_row(
