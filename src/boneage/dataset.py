@@ -194,6 +194,18 @@ def augment_batch(
     return out.clamp(0.0, 1.0)
 
 
+def raw_batch_images(
+    batch: dict[str, torch.Tensor], contract: DataConfig, augment: AugmentConfig | None = None
+) -> torch.Tensor:
+    """A raw loader batch (``BoneAgeDataset(raw=True)``: uint8 (B, 1, S, S)) -> normalised (B, C, S, S): scaled to
+    [0, 1], augmented with ``augment`` when given (:func:`augment_batch`, with the hand boxes the batch carries and
+    the contract's source size), then :func:`normalize_batch`. Training and the refusal fit's training views alike."""
+    images = batch["image"].float() / 255.0
+    if augment is not None:
+        images = augment_batch(images, augment, batch.get("hand_box"), contract.source_size)
+    return normalize_batch(images, contract)
+
+
 def normalize_batch(images: torch.Tensor, contract: DataConfig) -> torch.Tensor:
     """(B, 1, S, S) in [0, 1] -> (B, C, S, S) normalised with the contract's per-channel mean/std, or with each
     image's own mean and SD when the contract says ``standardize``."""

@@ -21,7 +21,7 @@ from boneage.assessability import Assessability
 from boneage.backends.base import PREDICT_BATCH_SIZE, Predictor
 from boneage.backends.torch import TorchPredictor
 from boneage.config import AugmentConfig, Config
-from boneage.dataset import BoneAgeDataset, augment_batch, normalize_batch, preprocess
+from boneage.dataset import BoneAgeDataset, preprocess, raw_batch_images
 from boneage.errors import ConfigError
 from boneage.explain import extract_features
 from boneage.export import attach_onnx
@@ -115,7 +115,7 @@ def augmented_features(
     predictor: Any, table: Any, augment: AugmentConfig, seed: int = 0, batch_size: int = 64
 ) -> np.ndarray:
     """(N, F) pooled backbone features of a labels table's images, each augmented once as in training
-    (:func:`boneage.dataset.augment_batch`, which has every kind the recipes use; the random draws follow ``seed``)."""
+    (:func:`boneage.dataset.raw_batch_images`, as training does; the random draws follow ``seed``)."""
     from torch.utils.data import DataLoader
 
     dataset = BoneAgeDataset(table, predictor.contract, raw=True, hand_boxes=augment.frame_p > 0)
@@ -123,10 +123,7 @@ def augmented_features(
     with torch.random.fork_rng(devices=[]), torch.inference_mode():  # the caller's random state is left as it was
         torch.default_generator.manual_seed(seed)  # the draws are on the CPU: other devices' states are not touched
         for batch in DataLoader(dataset, batch_size=batch_size):
-            images = augment_batch(
-                batch["image"].float() / 255.0, augment, batch.get("hand_box"), predictor.contract.source_size
-            )
-            images = normalize_batch(images, predictor.contract).contiguous(memory_format=torch.channels_last)
+            images = raw_batch_images(batch, predictor.contract, augment).contiguous(memory_format=torch.channels_last)
             pooled = predictor.model.forward_features(images, batch["male"])
             features.append(pooled[:, : predictor.model.backbone.num_features].float().numpy())
     return np.concatenate(features)

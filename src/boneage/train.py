@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from boneage.config import Config, contract_from_description
-from boneage.dataset import BoneAgeDataset, augment_batch, build_augment, normalize_batch, stage_tensor
+from boneage.dataset import BoneAgeDataset, build_augment, raw_batch_images, stage_tensor
 from boneage.errors import ConfigError
 from boneage.imageio import STAGE_EDGES_MONTHS, stage_index
 from boneage.labels import make_split, read_labels, read_split
@@ -79,10 +79,7 @@ class BoneAgeModule(pl.LightningModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # raw uint8 batches (augment.on_device): augment while training, then normalise, on the training device
         if batch["image"].dtype == torch.uint8:
-            images = batch["image"].float() / 255.0
-            if self.training:
-                images = augment_batch(images, self.config.augment, batch.get("hand_box"), self.config.data.source_size)
-            batch["image"] = normalize_batch(images, self.config.data)
+            batch["image"] = raw_batch_images(batch, self.config.data, self.config.augment if self.training else None)
         return batch
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
