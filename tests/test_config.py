@@ -47,6 +47,7 @@ def test_yaml_roundtrip(tmp_path):
         ("trainer:\n  lr: 1\n", "unknown section(s) ['trainer']"),
         ("augment:\n  zoom: [1.2, 0.9]\n", "augment.zoom: expected 0 < low <= high"),
         ("data:\n  source_size: 4\n", "data.source_size: expected >= 8 pixels or none, got 4"),
+        ("data:\n  source_antialias: false\n", "data.source_antialias: false chooses the filter of the resize to"),
         ("augment:\n  frame_p: 1.5\n", "augment.frame_p: expected a probability in [0, 1], got 1.5"),
         ("augment:\n  gamma: [0.05, 2]\n", "augment.gamma: expected 0.1 <= low <= high <= 10.0"),
         ("augment:\n  frame_fill_width: [0.1, 1]\n", "augment.frame_fill_width: expected 0.2 <= low"),

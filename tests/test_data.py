@@ -14,9 +14,11 @@ from boneage.dataset import (
     BoneAgeDataset,
     augment_batch,
     build_augment,
+    load_resized,
     normalize,
     normalize_batch,
     preprocess,
+    raw_batch_images,
     resize,
     stage_tensor,
 )
@@ -299,6 +301,25 @@ def test_source_size_resizes_through_the_training_copies_size(tmp_path):
     assert (through - direct).abs().mean() > 0.05  # the 20-px step lost detail the direct resize keeps
 
 
+def test_source_size_without_antialiasing_keeps_a_films_fine_grain(tmp_path):
+    """A large film sent through the source size by plain bilinear interpolation keeps its fine grain (aliased),
+    where the antialiased filter averages it away."""
+    rng = np.random.default_rng(0)
+    big = (96 + 64 * rng.random((400, 300))).astype(np.uint8)  # pixel-level grain on grey
+    Image.fromarray(big).save(tmp_path / "grain.png")
+    plain = DataConfig(image_size=20, source_size=20, source_antialias=False)
+    smooth = load_resized(tmp_path / "grain.png", DataConfig(image_size=20, source_size=20))
+    grainy = load_resized(tmp_path / "grain.png", plain)
+    assert float(grainy.std()) > 3 * float(smooth.std())
+    image = torch.from_numpy(big.astype(np.float32) / 255.0)[None]
+    expected = torch.nn.functional.interpolate(image[None], size=(20, 20), mode="bilinear", antialias=False)[0]
+    torch.testing.assert_close(grainy, resize(expected.clamp(0, 1), 20).clamp(0, 1), atol=1e-4, rtol=0)
+    # an image already at the source size is the same either way (the training copies read as they always did)
+    copy = tmp_path / "copy.png"
+    Image.fromarray(big[:20, :20]).save(copy)
+    torch.testing.assert_close(load_resized(copy, plain), load_resized(copy, DataConfig(image_size=20, source_size=20)))
+
+
 def test_preprocess_full_path(tmp_path):
     Image.fromarray(synthetic_radiograph(100, size=90)).save(tmp_path / "x.png")
     tensor = preprocess(tmp_path / "x.png", DataConfig(image_size=64))
@@ -431,6 +452,16 @@ def test_framing_centres_the_hand_at_the_drawn_fill_and_pads_with_the_background
     through = augment_batch(images, AugmentConfig(**framing), boxes, source_size=16)
     small = torch.nn.functional.interpolate(out, size=(16, 16), mode="bilinear", antialias=True)
     torch.testing.assert_close(through, torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear"))
+    # down with the contract's filter: plain bilinear when it says source_antialias false
+    plain = augment_batch(images, AugmentConfig(**framing), boxes, source_size=16, source_antialias=False)
+    small = torch.nn.functional.interpolate(out, size=(16, 16), mode="bilinear", antialias=False)
+    torch.testing.assert_close(plain, torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear"))
+    # training's raw-batch step passes the contract's filter on
+    batch = {"image": (images * 255).round().to(torch.uint8), "hand_box": boxes}
+    contract = DataConfig(image_size=64, source_size=16, source_antialias=False, standardize=True)
+    raw = raw_batch_images(batch, contract, AugmentConfig(**framing))
+    expected = augment_batch(batch["image"].float() / 255.0, AugmentConfig(**framing), boxes, 16, False)
+    torch.testing.assert_close(raw, normalize_batch(expected, contract))
 
 
 def test_framing_is_drawn_with_frame_p_and_leaves_the_rest_as_the_plain_augmentation():

@@ -137,12 +137,18 @@ def test_model_folder_roundtrip_gives_identical_predictions(tmp_path):
 def test_data_contract_roundtrip_and_folders_written_before_its_newer_fields():
     from boneage.config import contract_from_description
 
-    contract = DataConfig(image_size=96, resize_mode="letterbox", source_size=100, standardize=True)
+    contract = DataConfig(
+        image_size=96, resize_mode="letterbox", source_size=100, source_antialias=False, standardize=True
+    )
     back = contract_from_description({"data_contract": contract.contract()})
     assert (back.image_size, back.resize_mode, back.source_size, back.standardize) == (96, "letterbox", 100, True)
-    older = {k: v for k, v in contract.contract().items() if k not in ("source_size", "standardize")}
+    assert back.source_antialias is False
+    older = {
+        k: v for k, v in contract.contract().items() if k not in ("source_size", "source_antialias", "standardize")
+    }
     back = contract_from_description({"data_contract": older})
     assert back.source_size is None and back.standardize is False
+    assert back.source_antialias is True  # written before the field: the antialiased filter, as it always read
 
 
 def test_model_folder_checksum_and_missing_files(tmp_path):

@@ -30,6 +30,7 @@ def test_numpy_preprocessing_matches_torch(tmp_path, mode):
         DataConfig(image_size=64, resize_mode=mode, source_size=40, standardize=True),
         DataConfig(image_size=64, resize_mode=mode, source_size=40, standardize=True, hand_fill=(0.89, 0.75)),
         DataConfig(image_size=64, source_size=40, standardize=True, hand_fill=(0.89, 0.75), hand_fill_above=(0.5, 0.5)),
+        DataConfig(image_size=64, resize_mode=mode, source_size=40, source_antialias=False, standardize=True),
     ):
         for path in (image, dicom):
             assert np.abs(preprocess_array(path, contract) - preprocess(path, contract).numpy()).max() < 1e-4

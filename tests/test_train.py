@@ -177,6 +177,9 @@ def test_init_takes_an_ensemble_member_and_names_a_mismatched_field(tmp_path):
     config.model.target_scale, config.data.standardize = 40.0, True
     with pytest.raises(ConfigError, match="data.standardize"):
         init_state(config)
+    config.data.standardize, config.data.source_antialias = False, False  # the folder resizes with antialiasing
+    with pytest.raises(ConfigError, match="data.source_antialias: .* reads images with True, the config has False"):
+        init_state(config)
 
 
 def test_training_refuses_invalid_labels(tmp_path, rsna_folder):

@@ -86,3 +86,49 @@ def test_stretch_correction_undoes_the_pull_towards_the_mean_on_the_other_half(t
     flat.to_csv(preds, index=False)
     with pytest.raises(ValueError, match="do not rise with the reference age"):
         fit_stretch_correction(preds, labels)
+
+
+def _pulled_towards_the_mean(tmp_path, n=800, seed=3):
+    rng = np.random.default_rng(seed)
+    truth = rng.uniform(6, 222, n)
+    predicted = 127.0 + 0.8 * (truth - 127.0) + rng.normal(0, 6, n)
+    ids = [str(i) for i in range(n)]
+    labels, preds = tmp_path / "labels.csv", tmp_path / "preds.csv"
+    pd.DataFrame({"id": ids, "boneage": truth, "male": rng.random(n) < 0.5}).to_csv(labels, index=False)
+    pd.DataFrame({"id": ids, "bone_age_months": predicted, "status": "ok"}).to_csv(preds, index=False)
+    return labels, preds, truth, predicted
+
+
+def test_stretch_strength_moves_that_share_of_the_way_to_the_full_inverse(tmp_path):
+    labels, preds, truth, predicted = _pulled_towards_the_mean(tmp_path)
+    full, half = fit_stretch_correction(preds, labels), fit_stretch_correction(preds, labels, strength=0.5)
+    assert half["strength"] == 0.5 and half["fit_on"] == full["fit_on"]  # the same line, fit on the same half
+    corrected = {
+        name: correct_months(predicted, np.ones(len(predicted), bool), {"output": {"correction": c}})
+        for name, c in (("full", full), ("half", half))
+    }
+    np.testing.assert_allclose(corrected["half"], predicted + 0.5 * (corrected["full"] - predicted), atol=0.01)
+    young = half["evaluation"]["bias_by_reference_stage"]["Infant/Toddler"]
+    before = half["evaluation"]["bias_by_reference_stage_uncorrected"]["Infant/Toddler"]
+    assert 0.3 * before < young < 0.7 * before  # about half the youngest's bias left
+    for strength in (0.0, 1.5):
+        with pytest.raises(ValueError, match="stretch strength"):
+            fit_stretch_correction(preds, labels, strength=strength)
+
+
+def test_calibrate_stretch_stores_the_correction_and_an_interval_around_the_corrected_output(tmp_path, capsys):
+    labels, preds, truth, predicted = _pulled_towards_the_mean(tmp_path)
+    model = BoneAgeNet(ModelConfig(pretrained="none")).eval()
+    folder = save_model_folder(tmp_path / "model", model, DataConfig(image_size=32))
+    args = ["calibrate", "--predictions", str(preds), "--labels", str(labels), "--model", str(folder)]
+    assert main([*args, "--stretch", "0.5"]) == 0
+    assert "stretch correction at strength 0.5" in capsys.readouterr().out
+    description = load_model_folder(folder)[1]  # the weights' checksum still holds
+    correction = description["output"]["correction"]
+    assert correction == fit_stretch_correction(preds, labels, strength=0.5)
+    expected = calibrate_interval(preds, labels, correction=correction)
+    assert description["uncertainty"]["half_width_months"] == expected["half_width_months"]
+    assert expected["half_width_months"] != calibrate_interval(preds, labels)["half_width_months"]
+    # a folder that already corrects its output would correct twice: refused, naming the field
+    assert main([*args, "--stretch", "0.5"]) == 2
+    assert "already applies an output.correction" in capsys.readouterr().err

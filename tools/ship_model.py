@@ -32,7 +32,7 @@ from data_paths import DATA, FULLRES, ROOT
 
 from boneage.config import contract_from_description
 from boneage.evaluate import evaluate
-from boneage.fit_checks import fit_assessability, fit_presentation, write_non_hand_images
+from boneage.fit_checks import fit_assessability, fit_presentation, rescore_non_hand, write_non_hand_images
 from boneage.fit_checks import measure_into_folder as measure_presentation
 from boneage.labels import read_labels, read_split
 from boneage.metrics import headline
@@ -105,8 +105,10 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
 
 def measure_fullres(model_dir: Path, tmp: Path) -> dict:
     """The full-resolution samples through a finished folder, every refusal check included: the presentation checks'
-    figures (``polarity`` / ``orientation`` -> ``fullres_samples``) and ``metrics.fullres_samples``. After the
-    checks are fit again (``boneage fit-checks``), this brings those figures up to date: then attach ONNX again."""
+    figures (``polarity`` / ``orientation`` -> ``fullres_samples``) and ``metrics.fullres_samples``, and the
+    non-hand images' refusal scores. After the checks are fit again (``boneage fit-checks``) or the data contract
+    changes, this brings those figures up to date: then attach ONNX again."""
+    rescore_non_hand(model_dir, write_non_hand_images(tmp / "non_hand"))
     labels = pd.read_csv(FULLRES / "labels.csv")
     paths = [FULLRES / "images" / f"{i}.png" for i in labels["id"]]
     measure_presentation(model_dir, paths, labels["male"], labels["boneage"], "fullres_samples", "torch")
@@ -131,6 +133,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
+    parser.add_argument(
+        "--source-antialias",
+        choices=("true", "false"),
+        help="set the folder's data_contract.source_antialias (the filter of a full-size film's resize to the source "
+        "size) instead of the runs' own; runs trained before the field existed record none, which reads as true",
+    )
     args = parser.parse_args()
     run_dir = args.run_dirs[0]  # the recipe and history on record are the first run's
     target = ROOT / "src" / "boneage" / "models" / args.name
@@ -145,10 +153,13 @@ def main() -> None:
             model, description = load_model_folder(source)
         fp32 = headline(_score(source, tmp, "fp32", tta=args.tta))
         staged = tmp / "staged"
+        contract = contract_from_description(description)
+        if args.source_antialias is not None:
+            contract.source_antialias = args.source_antialias == "true"
         save_model_folder(
             staged,
             model,
-            contract_from_description(description),
+            contract,
             training=description["training"],
             metrics=description["metrics"],
             dtype=getattr(torch, args.dtype),
@@ -187,7 +198,7 @@ def main() -> None:
         save_model_folder(
             building,
             model,
-            contract_from_description(description),
+            contract,
             training=training,
             metrics=metrics,
             dtype=getattr(torch, args.dtype),

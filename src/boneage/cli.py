@@ -808,14 +808,40 @@ def _add_calibrate(commands: _Commands) -> None:
     calibrate.add_argument("--coverage", type=float, default=0.9)
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation halving")
     calibrate.add_argument("--model", help="model folder to store the interval in (its config.json)")
+    calibrate.add_argument(
+        "--stretch",
+        type=float,
+        metavar="S",
+        help="also fit a correction of the pull towards the mean age on the calibration half, at strength S in (0, 1] "
+        "(1: the full inverse of prediction ~ a + b * reference), stored as output.correction with --model; the "
+        "interval is then calibrated around the corrected predictions. Fit on predictions made without a correction",
+    )
     calibrate.set_defaults(func=_run_calibrate)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from boneage.uncertainty import calibrate_interval, store_interval
+    from boneage.model_folder import read_model_description
+    from boneage.uncertainty import calibrate_interval, fit_stretch_correction, store_correction, store_interval
 
+    correction = None
+    if args.stretch is not None:
+        if args.model and read_model_description(args.model).get("output", {}).get("correction"):
+            raise ConfigError(
+                f"--stretch: {args.model} already applies an output.correction, so predictions made with it are "
+                "corrected already; remove output.correction from its config.json, predict again, then fit"
+            )
+        correction = fit_stretch_correction(args.predictions, args.labels, seed=args.seed, strength=args.stretch)
+        held = correction["evaluation"]
+        stages = " / ".join(f"{v:+.2f}" for v in held["bias_by_reference_stage"].values())
+        before = " / ".join(f"{v:+.2f}" for v in held["bias_by_reference_stage_uncorrected"].values())
+        print(
+            f"stretch correction at strength {args.stretch:g} (slope {correction['male'][0]:.4f}, intercept "
+            f"{correction['male'][1]:+.2f}) from {correction['fit_on']['n']} images; on the other {held['n']}: "
+            f"MAE {held['mae_months']:.2f} (uncorrected {held['mae_uncorrected_months']:.2f}), bias by reference "
+            f"stage {stages} (uncorrected {before})"
+        )
     interval = calibrate_interval(
-        predictions=args.predictions, labels=args.labels, coverage=args.coverage, seed=args.seed
+        predictions=args.predictions, labels=args.labels, coverage=args.coverage, seed=args.seed, correction=correction
     )
     held = interval["evaluation"]
     print(
@@ -826,6 +852,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     by_stage = held["coverage_by_reference_stage"]
     print("  by reference stage: " + ", ".join(f"{k} {v['coverage']:.1%} (n={v['n']})" for k, v in by_stage.items()))
     if args.model:
+        if correction is not None:
+            store_correction(args.model, correction)
         store_interval(model_dir=args.model, interval=interval)
         print(f"stored in {Path(args.model) / 'config.json'}")
     return 0

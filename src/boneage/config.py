@@ -41,6 +41,12 @@ class DataConfig:
     # Resize every image to this square first, as the training copies were made (RSNA 100-px set: 100), then to
     # image_size: a full-size radiograph then loses the same detail the training images lost. None: one resize.
     source_size: int | None = None
+    # How a larger film goes to source_size: True, Pillow's antialiased bilinear filter (folders written before this
+    # field read so); False, plain bilinear interpolation between the four nearest pixels, no antialiasing, which keeps
+    # a film's fine grain: real films through the antialiased filter are smoother than 98% of the RSNA 100-px copies
+    # the networks learnt from, through the plain one they lie within the copies' range (tools/source_sharpness.py;
+    # MODEL_CARD.md, "Real films").
+    source_antialias: bool = True
     # Per-image intensity standardisation (zero mean, unit SD over the whole image) instead of the fixed mean/std:
     # the model then sees the same input whatever the film's brightness and contrast.
     standardize: bool = False
@@ -65,6 +71,7 @@ class DataConfig:
             "mean": list(self.mean),
             "std": list(self.std),
             "source_size": self.source_size,
+            "source_antialias": self.source_antialias,
             "standardize": self.standardize,
             **({"hand_fill": list(self.hand_fill)} if self.hand_fill is not None else {}),
             **({"hand_fill_above": list(self.hand_fill_above)} if self.hand_fill_above is not None else {}),
@@ -135,7 +142,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     # Fine-tuning: a model folder whose network (member init_member of an ensemble) starts the run instead of the
     # pretrained backbone; it must match the model section (task, backbone, head, target scale) and the data
-    # contract (image_size, resize_mode, in_chans, source_size, standardize, hand_fill), checked before decoding.
+    # contract (image_size, resize_mode, in_chans, source_size, source_antialias, standardize, hand_fill), checked
+    # before decoding.
     init: str | None = None
     init_member: int = 0
     # Weight each training image's loss by (share of the commonest stage / share of its stage) ** this: 0 = plain
@@ -186,6 +194,10 @@ class Config:
             raise ConfigError(f"data.image_size: expected >= 32 pixels, got {self.data.image_size}")
         if self.data.source_size is not None and self.data.source_size < 8:
             raise ConfigError(f"data.source_size: expected >= 8 pixels or none, got {self.data.source_size}")
+        if not self.data.source_antialias and self.data.source_size is None:
+            raise ConfigError(
+                "data.source_antialias: false chooses the filter of the resize to source_size; set source_size"
+            )
         if self.data.hand_fill is not None and (
             len(self.data.hand_fill) != 2 or not all(0.2 <= fill <= 1 for fill in self.data.hand_fill)
         ):
@@ -352,6 +364,8 @@ def contract_from_description(description: dict[str, Any]) -> DataConfig:
         mean=tuple(contract["mean"]),
         std=tuple(contract["std"]),
         source_size=contract.get("source_size"),  # absent in folders written before these two fields existed
+        # absent in folders written before it existed: those go to source_size through the antialiased filter
+        source_antialias=bool(contract.get("source_antialias", True)),
         standardize=bool(contract.get("standardize", False)),
         # absent in folders written before it existed: those read the film as given, as they always did
         hand_fill=tuple(contract["hand_fill"]) if contract.get("hand_fill") is not None else None,

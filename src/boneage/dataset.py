@@ -27,20 +27,21 @@ def stage_tensor(age_months: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(age_months, edges, right=True)
 
 
-def resize(image: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
+def resize(image: torch.Tensor, size: int, mode: str = "squash", antialias: bool = True) -> torch.Tensor:
     """Resize a (C, H, W) image to (C, size, size).
 
     ``squash`` stretches to a square, exactly how the 100-px RSNA copies were made; ``letterbox`` keeps the aspect
-    ratio and pads the short side with black (0).
+    ratio and pads the short side with black (0). ``antialias``: bilinear with antialiasing (Pillow's filter);
+    False: plain bilinear interpolation, which keeps a film's fine grain (:func:`boneage.imageio.resize_plain`).
     """
     _, height, width = image.shape
     if mode == "squash":
-        return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        return F.interpolate(image[None], (size, size), mode="bilinear", antialias=antialias, align_corners=False)[0]
     if mode != "letterbox":
         raise ValueError(f"resize mode: expected 'squash' or 'letterbox', got {mode!r}")
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    scaled = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    scaled = F.interpolate(image[None], (new_h, new_w), mode="bilinear", antialias=antialias, align_corners=False)[0]
     out = image.new_zeros((image.shape[0], size, size))
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[:, top : top + new_h, left : left + new_w] = scaled
@@ -51,14 +52,15 @@ def load_resized(path: str | Path, contract: DataConfig) -> torch.Tensor:
     """Decode and resize one image to the model's square input: (1, S, S) float in [0, 1].
 
     With a ``hand_fill`` the film is first re-framed around its hand (:func:`boneage.imageio.frame_hand`); with a
-    ``source_size`` it then goes to that square, as the training copies were made.
+    ``source_size`` it then goes to that square, as the training copies were made (plain bilinear when the contract
+    says ``source_antialias: false``).
     """
     array = read_image(path)
     if contract.hand_fill is not None:
         array = frame_hand(array, contract.hand_fill, contract.hand_fill_above)
     image = torch.from_numpy(array)[None]  # (1, H, W)
     if contract.source_size is not None:
-        image = resize(image, contract.source_size, contract.resize_mode).clamp_(0.0, 1.0)
+        image = resize(image, contract.source_size, contract.resize_mode, contract.source_antialias).clamp_(0.0, 1.0)
     return resize(image, contract.image_size, contract.resize_mode).clamp_(0.0, 1.0)
 
 
@@ -117,6 +119,7 @@ def augment_batch(
     cfg: AugmentConfig,
     hand_boxes: torch.Tensor | None = None,
     source_size: int | None = None,
+    source_antialias: bool = True,
 ) -> torch.Tensor:
     """:func:`build_augment`'s augmentations for a whole batch (B, 1, S, S) in [0, 1], on the batch's device, and
     the clinic ones only this path has (framing, gamma, bright background; :class:`AugmentConfig`).
@@ -128,8 +131,9 @@ def augment_batch(
     window around its hand (``hand_boxes``: (B, 4) top, bottom, left, right as fractions of the side), rotated
     about the window's centre and padded with its own background level; with ``source_size`` (the data contract's)
     a re-framed image then goes through that size and back, so that a hand made small keeps only the detail a small
-    hand keeps when a film goes through ``source_size`` at prediction time. Gamma and the background floor follow the
-    resampling.
+    hand keeps when a film goes through ``source_size`` at prediction time (down with the contract's
+    ``source_antialias`` filter, back up with the antialiased one, as prediction does). Gamma and the background
+    floor follow the resampling.
     """
     batch, device = images.shape[0], images.device
 
@@ -168,7 +172,7 @@ def augment_batch(
         out = F.grid_sample(out - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
         if framing and source_size is not None:
             size = tuple(out.shape[-2:])
-            small = F.interpolate(out, size=(source_size, source_size), mode="bilinear", antialias=True)
+            small = F.interpolate(out, size=(source_size, source_size), mode="bilinear", antialias=source_antialias)
             through = F.interpolate(small, size=size, mode="bilinear", antialias=True)
             out = torch.where(framed.view(-1, 1, 1, 1), through, out)
     if tuple(cfg.gamma) != (1.0, 1.0):
@@ -202,7 +206,8 @@ def raw_batch_images(
     the contract's source size), then :func:`normalize_batch`. Training and the refusal fit's training views alike."""
     images = batch["image"].float() / 255.0
     if augment is not None:
-        images = augment_batch(images, augment, batch.get("hand_box"), contract.source_size)
+        boxes = batch.get("hand_box")
+        images = augment_batch(images, augment, boxes, contract.source_size, contract.source_antialias)
     return normalize_batch(images, contract)
 
 

@@ -161,11 +161,7 @@ def fit_assessability(
     val_features = backbone_features(predictor, val_table, num_workers=0 if len(val_table) < 256 else 2)
     val_scores = check.score(torch.from_numpy(val_features)).numpy()
     check.threshold = float(np.quantile(val_scores[halves == "train"], quantile))
-    with torch.inference_mode():
-        images = torch.stack([preprocess(p, predictor.contract) for p in non_hand])
-        male = torch.zeros(len(images), dtype=torch.long)
-        non_hand_features = predictor.model.forward_features(images, male)[:, : predictor.model.backbone.num_features]
-    non_hand_scores = check.score(non_hand_features).numpy()
+    non_hand_scores = _non_hand_scores(predictor, check, non_hand)
     summary = {
         "method": "PCA of pooled backbone features of train images"
         + (" as given and augmented once as in training" if augment is not None else "")
@@ -183,6 +179,32 @@ def fit_assessability(
     }
     check.save(model_dir, summary)
     return summary
+
+
+def _non_hand_scores(predictor: TorchPredictor, check: Assessability, non_hand: list[Path]) -> np.ndarray:
+    with torch.inference_mode():
+        images = torch.stack([preprocess(p, predictor.contract) for p in non_hand])
+        male = torch.zeros(len(images), dtype=torch.long)
+        features = predictor.model.forward_features(images, male)[:, : predictor.model.backbone.num_features]
+    return check.score(features).numpy()
+
+
+def rescore_non_hand(model_dir: str | Path, non_hand: list[Path]) -> dict[str, Any]:
+    """Score ``non_hand`` images (:func:`write_non_hand_images`) with the folder's stored refusal check, as the folder
+    now reads them, and bring ``assessability.non_hand_scores`` / ``rejection_non_hand`` up to date (after a change
+    of the data contract, which the check itself does not see). Returns the updated section."""
+    predictor = TorchPredictor.load(model_dir)
+    check = predictor.assessability
+    if check is None:
+        raise ValueError(f"{model_dir}: no refusal check to score with; fit one first (boneage fit-checks)")
+    scores = _non_hand_scores(predictor, check, non_hand)
+    fields = {
+        "rejection_non_hand": float((scores > check.threshold).mean()),
+        "non_hand_scores": {p.stem: round(float(s), 2) for p, s in zip(non_hand, scores)},
+    }
+    return update_description(model_dir, lambda description: description["assessability"].update(fields))[
+        "assessability"
+    ]
 
 
 def fit_checks(

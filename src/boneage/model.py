@@ -379,7 +379,8 @@ def combine_model_folders(
     ensemble itself is not scored here). Returns the ensemble and its description.
     """
     loaded = [load_model_folder(folder) for folder in folders]
-    contracts = [description["data_contract"] for _, description in loaded]
+    # parsed, so that a field a folder leaves out and the same field at its default read alike
+    contracts = [contract_from_description(description).contract() for _, description in loaded]
     for folder, contract in zip(folders[1:], contracts[1:]):
         if contract != contracts[0]:
             raise ValueError(f"{folder}: its data contract differs from {folders[0]}'s; members must read images alike")

@@ -212,7 +212,15 @@ def stage_weights(ages_months: np.ndarray, power: float) -> torch.Tensor:
 
 
 INIT_MODEL_FIELDS = ("task", "backbone", "sex_embedding_dim", "hidden_dims", "target_offset", "target_scale")
-INIT_DATA_FIELDS = ("image_size", "resize_mode", "in_chans", "source_size", "standardize", "hand_fill")
+INIT_DATA_FIELDS = (
+    "image_size",
+    "resize_mode",
+    "in_chans",
+    "source_size",
+    "source_antialias",
+    "standardize",
+    "hand_fill",
+)
 
 
 def _plain(value: Any) -> Any:

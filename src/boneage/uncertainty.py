@@ -16,7 +16,7 @@ import numpy as np
 from boneage.evaluate import read_predictions
 from boneage.imageio import STAGE_NAMES
 from boneage.labels import make_split, read_labels, stage_of
-from boneage.model_folder import update_description
+from boneage.model_folder import correct_months, update_description
 
 
 def conformal_half_width(residuals: np.ndarray, coverage: float = 0.9) -> float:
@@ -30,16 +30,29 @@ def conformal_half_width(residuals: np.ndarray, coverage: float = 0.9) -> float:
 
 
 def calibrate_interval(
-    predictions: str | Path, labels: str | Path, coverage: float = 0.9, seed: int = 0
+    predictions: str | Path,
+    labels: str | Path,
+    coverage: float = 0.9,
+    seed: int = 0,
+    correction: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate on one half of the scored images and measure coverage and width on the other half."""
+    """Calibrate on one half of the scored images and measure coverage and width on the other half.
+
+    ``correction``: an ``output.correction`` (e.g. :func:`fit_stretch_correction`'s) the model folder will apply to
+    its output; the interval is then calibrated around the corrected predictions, as the folder will report them.
+    """
     preds = read_predictions(predictions)
     preds = preds[preds["status"] == "ok"].drop(columns=["male"], errors="ignore")
     joined = preds.merge(read_labels(labels)[["id", "boneage", "male"]], on="id")
     if len(joined) < 20:
         raise ValueError(f"{predictions}: {len(joined)} scored images; calibrating an interval needs at least 20")
     halves = make_split(joined, fractions=(0.5, 0.5, 0.0), seed=seed)["split"].to_numpy()
-    residual = (joined["bone_age_months"] - joined["boneage"]).to_numpy(dtype=float)
+    predicted = joined["bone_age_months"].to_numpy(dtype=float)
+    if correction is not None:
+        predicted = correct_months(
+            predicted, joined["male"].to_numpy(dtype=bool), {"output": {"correction": correction}}
+        )
+    residual = predicted - joined["boneage"].to_numpy(dtype=float)
     q = conformal_half_width(residual[halves == "train"], coverage)
     held = residual[halves == "val"]
     male = joined["male"].to_numpy(dtype=bool)[halves == "val"]
@@ -54,7 +67,11 @@ def calibrate_interval(
         "method": "split conformal on absolute residuals; interval = prediction +/- half_width_months",
         "coverage_nominal": coverage,
         "half_width_months": q,
-        "calibration": {"source": str(predictions), "n": int((halves == "train").sum())},
+        "calibration": {
+            "source": str(predictions),
+            "n": int((halves == "train").sum()),
+            **({"around": "the predictions with the folder's output.correction applied"} if correction else {}),
+        },
         "evaluation": {
             "n": int(len(held)),
             "coverage": float(covered.mean()),
@@ -71,6 +88,12 @@ def store_interval(model_dir: str | Path, interval: dict[str, Any]) -> None:
     update_description(model_dir, lambda description: description.update(uncertainty=interval))
 
 
+def store_correction(model_dir: str | Path, correction: dict[str, Any]) -> None:
+    """Write an output correction (:func:`fit_stretch_correction`) into a model folder's config.json: both backends
+    apply it to every prediction from then on (:func:`boneage.model_folder.correct_months`)."""
+    update_description(model_dir, lambda description: description["output"].update(correction=correction))
+
+
 def _scored_halves(predictions: str | Path, labels: str | Path, seed: int) -> tuple[Any, np.ndarray]:
     """The accepted predictions joined to their labels, and each row's half (``train`` calibrates, ``val`` measures):
     the same halves as :func:`calibrate_interval` draws from the same file and seed."""
@@ -82,7 +105,9 @@ def _scored_halves(predictions: str | Path, labels: str | Path, seed: int) -> tu
     return joined, make_split(joined, fractions=(0.5, 0.5, 0.0), seed=seed)["split"].to_numpy()
 
 
-def fit_stretch_correction(predictions: str | Path, labels: str | Path, seed: int = 0) -> dict[str, Any]:
+def fit_stretch_correction(
+    predictions: str | Path, labels: str | Path, seed: int = 0, strength: float = 1.0
+) -> dict[str, Any]:
     """A linear correction that undoes the model's pull towards the mean age, fit on one half of labelled
     predictions (e.g. val) and measured on the other.
 
@@ -93,7 +118,13 @@ def fit_stretch_correction(predictions: str | Path, labels: str | Path, seed: in
     deepen the per-stage bias. The correction is monotone (``b > 0``) and the same for both sexes; it is returned in
     the model folder's ``output.correction`` form (``[slope, intercept]`` per sex, read by
     :func:`boneage.model_folder.correct_months`).
+
+    ``strength`` (0 to 1) moves the prediction that share of the way to the full inverse: ``prediction + strength *
+    (corrected - prediction)``, still one line. The full inverse removes the bias at every reference age but widens
+    the errors (it multiplies the noise by ``1 / b``); part of it trades some of the bias for less of that.
     """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"stretch strength: expected a share in (0, 1], got {strength}")
     joined, halves = _scored_halves(predictions, labels, seed)
     predicted = joined["bone_age_months"].to_numpy(dtype=float)
     reference = joined["boneage"].to_numpy(dtype=float)
@@ -101,7 +132,7 @@ def fit_stretch_correction(predictions: str | Path, labels: str | Path, seed: in
     b, a = np.polyfit(reference[fit], predicted[fit], 1)
     if b <= 0:
         raise ValueError(f"{predictions}: predictions do not rise with the reference age (slope {b:.3f})")
-    slope, intercept = 1.0 / b, -a / b
+    slope, intercept = 1.0 + strength * (1.0 / b - 1.0), -strength * a / b
     held = halves == "val"
     corrected = slope * predicted[held] + intercept
     stage = stage_of(reference[held])
@@ -113,7 +144,9 @@ def fit_stretch_correction(predictions: str | Path, labels: str | Path, seed: in
         }
 
     return {
-        "method": "prediction ~ a + b * reference by least squares, inverted: (prediction - a) / b, both sexes",
+        "method": "prediction ~ a + b * reference by least squares, inverted: (prediction - a) / b, both sexes; "
+        "applied at a strength s: prediction + s * ((prediction - a) / b - prediction)",
+        "strength": strength,
         "female": [round(slope, 5), round(intercept, 4)],
         "male": [round(slope, 5), round(intercept, 4)],
         "fit_on": {"source": str(predictions), "n": int(fit.sum()), "a": round(float(a), 4), "b": round(float(b), 5)},
