@@ -32,7 +32,7 @@ from data_paths import DATA, FULLRES, ROOT
 
 from boneage.config import contract_from_description
 from boneage.evaluate import evaluate
-from boneage.fit_checks import fit_assessability, fit_presentation, rescore_non_hand, write_non_hand_images
+from boneage.fit_checks import fit_assessability, fit_presentation, write_non_hand_images
 from boneage.fit_checks import measure_into_folder as measure_presentation
 from boneage.labels import read_labels, read_split
 from boneage.metrics import headline
@@ -105,10 +105,10 @@ def _fit_correction(model_dir: Path, tmp: Path) -> dict:
 
 def measure_fullres(model_dir: Path, tmp: Path) -> dict:
     """The full-resolution samples through a finished folder, every refusal check included: the presentation checks'
-    figures (``polarity`` / ``orientation`` -> ``fullres_samples``) and ``metrics.fullres_samples``, and the
-    non-hand images' refusal scores. After the checks are fit again (``boneage fit-checks``) or the data contract
-    changes, this brings those figures up to date: then attach ONNX again."""
-    rescore_non_hand(model_dir, write_non_hand_images(tmp / "non_hand"))
+    figures (``polarity`` / ``orientation`` -> ``fullres_samples``) and ``metrics.fullres_samples``. After the
+    checks are fit again (``boneage fit-checks``) or the data contract changes, this brings those figures up to date
+    (after a contract change, :func:`boneage.fit_checks.rescore_non_hand` brings the non-hand scores): then attach
+    ONNX again."""
     labels = pd.read_csv(FULLRES / "labels.csv")
     paths = [FULLRES / "images" / f"{i}.png" for i in labels["id"]]
     measure_presentation(model_dir, paths, labels["male"], labels["boneage"], "fullres_samples", "torch")

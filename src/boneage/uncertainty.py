@@ -41,12 +41,7 @@ def calibrate_interval(
     ``correction``: an ``output.correction`` (e.g. :func:`fit_stretch_correction`'s) the model folder will apply to
     its output; the interval is then calibrated around the corrected predictions, as the folder will report them.
     """
-    preds = read_predictions(predictions)
-    preds = preds[preds["status"] == "ok"].drop(columns=["male"], errors="ignore")
-    joined = preds.merge(read_labels(labels)[["id", "boneage", "male"]], on="id")
-    if len(joined) < 20:
-        raise ValueError(f"{predictions}: {len(joined)} scored images; calibrating an interval needs at least 20")
-    halves = make_split(joined, fractions=(0.5, 0.5, 0.0), seed=seed)["split"].to_numpy()
+    joined, halves = _scored_halves(predictions, labels, seed)
     predicted = joined["bone_age_months"].to_numpy(dtype=float)
     if correction is not None:
         predicted = correct_months(
@@ -96,7 +91,8 @@ def store_correction(model_dir: str | Path, correction: dict[str, Any]) -> None:
 
 def _scored_halves(predictions: str | Path, labels: str | Path, seed: int) -> tuple[Any, np.ndarray]:
     """The accepted predictions joined to their labels, and each row's half (``train`` calibrates, ``val`` measures):
-    the same halves as :func:`calibrate_interval` draws from the same file and seed."""
+    :func:`calibrate_interval` and :func:`fit_stretch_correction` both draw theirs here, so with one file and seed they
+    fit on the same half."""
     preds = read_predictions(predictions)
     preds = preds[preds["status"] == "ok"].drop(columns=["male"], errors="ignore")
     joined = preds.merge(read_labels(labels)[["id", "boneage", "male"]], on="id")
