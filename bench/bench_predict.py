@@ -5,6 +5,8 @@
   (c) the same on onnxruntime fp32: the shipped folder's model.onnx, `boneage predict`'s default path
   (d) the same quantised to int8 (static QDQ, calibrated on train images), on onnxruntime
   (e) (c) reading each image once, without the mirror image the shipped folder averages in (`boneage predict --no-tta`)
+  (f) (c) reading the image as it is and its mirror only, without the turned views the shipped folder also averages
+      (``output.tta_views`` removed from a copy of the folder: the default before it had them)
 
 Usage (from the repository root; needs ../shared/data and `pip install -e ".[dev]"`):
     python bench/bench_predict.py [--n 1892] [--seed-n 320]
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +92,10 @@ def main() -> None:
         train_ids = pd.read_csv(DATA / "seed-split.csv", dtype={"id": str}).query("split == 'train'")["id"][:256]
         calibration = [DATA / "boneage-training-dataset" / f"{i}.png" for i in train_ids]
         export_onnx(tmp_path / "int8.onnx", int8=True, calibration=calibration)
+        mirror_only = Path(shutil.copytree(default_model_dir(), tmp_path / "mirror_only"))
+        config = json.loads((mirror_only / "config.json").read_text())
+        config["output"].pop("tta_views", None)
+        (mirror_only / "config.json").write_text(json.dumps(config))
 
         rates = {"a_seed_b0_384_eager": seed_pipeline(paths[: args.seed_n])}
         for name, kwargs in (
@@ -96,6 +103,7 @@ def main() -> None:
             ("c_default_onnx_fp32", {}),  # no model, no backend: what `boneage predict` does by default
             ("d_default_onnx_int8", {"model_dir": tmp_path / "int8.onnx", "backend": "onnx"}),
             ("e_default_onnx_fp32_one_pass", {"tta": False}),
+            ("f_default_onnx_fp32_mirror_only", {"model_dir": mirror_only}),
         ):
             rate, table = timed_predict(paths, tmp_path / f"{name}.csv", metadata=meta_csv, **kwargs)
             rates[name] = rate

@@ -240,3 +240,79 @@ def test_torch_free_commands_run_with_pytorch_blocked(onnx_model, tmp_path):
     ]
     assert (tmp_path / "eval" / "metrics.json").is_file() and split.is_file()
     assert "half_width_months" in json.loads((model / "config.json").read_text())["uncertainty"]
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_test_time_views_resample_as_torch_does(standardize):
+    """A view is the training augmentation's resampling (affine_grid + grid_sample, black outside) of the [0, 1]
+    image, then normalised: made from the normalised image, it must come out the same."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from boneage.dataset import normalize_batch
+    from boneage.imageio import view_batch
+
+    contract = DataConfig(image_size=48, standardize=standardize, in_chans=3)
+    images = torch.stack([torch.from_numpy(synthetic_radiograph(a, size=48)).float()[None] / 255 for a in (30, 150)])
+    images[:, :, :, :4] = 0.0  # reaches black, as a radiograph's background does
+    grey = 0.2 + 0.6 * images  # never reaches black: filled with its own darkest value, 0.2
+    for batch in (images, grey):
+        normalised = normalize_batch(batch, contract).numpy()
+        assert view_batch(normalised, 0.0, 1.0, standardize) is normalised  # the image as it is: no resampling
+        darkest = batch.amin(dim=(1, 2, 3), keepdim=True)
+        for angle, zoom in ((8.0, 1.0), (-8.0, 1.0), (0.0, 1.2), (5.0, 0.9)):
+            turn = math.radians(angle)
+            rotation = [[math.cos(turn), -math.sin(turn), 0.0], [math.sin(turn), math.cos(turn), 0.0]]
+            theta = torch.tensor(rotation) / zoom
+            grid = F.affine_grid(theta.expand(2, 2, 3), list(batch.shape), align_corners=False)
+            turned = F.grid_sample(batch - darkest, grid, align_corners=False) + darkest
+            expected = normalize_batch(turned, contract).numpy()
+            got = view_batch(normalised, angle, zoom, standardize)
+            assert got.shape == normalised.shape and np.abs(got - expected).max() < 1e-4
+
+
+def test_a_folder_can_average_turned_views_on_both_backends(onnx_model, tmp_path):
+    import shutil
+
+    from boneage.errors import ModelLoadError
+    from boneage.imageio import view_batch
+    from boneage.model_folder import tta_text
+    from boneage.predict import load_predictor, predict_paths
+
+    image = tmp_path / "hand.png"
+    Image.fromarray(synthetic_radiograph(100)).save(image)
+    folder = shutil.copytree(onnx_model, tmp_path / "views")
+    config = json.loads((folder / "config.json").read_text())
+    config["output"].update(tta_hflip=True, tta_views=[[8, 1.0], [-8, 1.0]])
+    (folder / "config.json").write_text(json.dumps(config))
+    common = {"sex": "F", "progress": False}
+    plain = predict_paths([image], tmp_path / "p.csv", model_dir=onnx_model, tta=False, **common)["bone_age_months"][0]
+    for backend in ("onnx", "torch"):
+        predictor = load_predictor(folder, backend)
+        assert predictor.tta_views == [(8.0, 1.0), (-8.0, 1.0)] and predictor.tta_hflip
+        # the folder's default: the mean of the four single passes (each view and its mirror)
+        x, male = predictor.preprocess(image)[None], np.asarray([0])
+        predictor.tta_hflip, predictor.tta_views = False, [(0.0, 1.0)]
+        singles = [
+            predictor.predict_batch(np.ascontiguousarray(v), male)["months"][0]
+            for angle in (8.0, -8.0)
+            for view in [view_batch(x, angle, 1.0, bool(predictor.contract.standardize))]
+            for v in (view, view[..., ::-1])
+        ]
+        rows = predict_paths([image], tmp_path / f"{backend}.csv", model_dir=folder, backend=backend, **common)
+        assert rows["bone_age_months"][0] == pytest.approx(np.mean(singles), abs=0.01)
+        assert abs(rows["bone_age_months"][0] - plain) > 1e-3  # the tiny model is not rotation-invariant
+        off = predict_paths([image], tmp_path / "off.csv", model_dir=folder, backend=backend, tta=False, **common)
+        assert off["bone_age_months"][0] == pytest.approx(plain, abs=0.05)  # --no-tta: one pass of the image as is
+    assert (
+        tta_text([(8.0, 1.0), (-8.0, 1.0)], True) == "the mean of 4 views: turned +8°, turned -8°, each with its mirror"
+    )
+    assert tta_text([(0.0, 1.0)], True) == "averaged with the mirrored image" and tta_text([(0.0, 1.0)], False) == ""
+    for bad in ([], [[8]], [[90, 1.0]], [[8, "1"]], "8,1"):
+        config["output"]["tta_views"] = bad
+        (folder / "config.json").write_text(json.dumps(config))
+        for backend in ("torch", "onnx"):
+            with pytest.raises(ModelLoadError, match=r"config.json: output.tta_views: expected a non-empty list"):
+                load_predictor(folder, backend)

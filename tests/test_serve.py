@@ -40,6 +40,7 @@ HAND = png_bytes(synthetic_radiograph(100, size=96))
 def test_health_names_the_model(client):
     body = client.get("/api/v1/health").json()
     assert body["status"] == "ok" and body["model"]["name"] == "model" and len(body["model"]["weights_sha256"]) == 64
+    assert body["model"]["tta_views"] == [[0.0, 1.0]] and body["model"]["tta"] == ""  # one pass of the image as it is
 
 
 def test_predict_report_matches_the_cli_path(client, model_dir, tmp_path):

@@ -17,14 +17,15 @@ from boneage.model_folder import DEFAULT_MODEL, default_model_dir, sha256_file
 from tests.helpers import synthetic_radiograph
 
 # Bone age (months) of synthetic_radiograph(120, size=100, seed=0) for a female and a male, recorded when the model
-# was shipped, as the model folder says to predict it: the mean of its three networks' outputs for the image and its
-# mirror. A change here means the weights, the averaging, the test-time augmentation default or the preprocessing
-# (per-image standardisation included) or the output correction changed: re-record only on purpose. (Before the
-# output correction: 29.2008, 37.1446.)
-RECORDED_MONTHS = (25.2051, 33.4688)
+# was shipped, as the model folder says to predict it: the mean of its three networks' outputs for the image turned
+# +8 and -8 degrees, each with its mirror. A change here means the weights, the averaging, the test-time views or
+# the preprocessing (per-image standardisation included) or the output correction changed: re-record only on
+# purpose. (The image and its mirror alone, with the previous correction: 25.2051, 33.4688; before any correction:
+# 29.2008, 37.1446.)
+RECORDED_MONTHS = (26.5582, 35.0012)
 # The same for synthetic_radiograph(120, size=400, seed=0) read from a PNG: a full-size film, which goes through the
-# 100-px source size by the contract's filter (plain bilinear; the antialiased filter gives 23.92, 32.26).
-RECORDED_FILM_MONTHS = (22.8072, 30.9647)
+# 100-px source size by the contract's filter (plain bilinear).
+RECORDED_FILM_MONTHS = (23.9223, 32.0740)
 
 
 def test_default_model_loads_offline_with_its_contract(monkeypatch):
@@ -38,7 +39,8 @@ def test_default_model_loads_offline_with_its_contract(monkeypatch):
     assert contract["source_size"] == 100 and contract["standardize"] is True
     assert contract["source_antialias"] is False  # a full-size film goes to 100 px by plain bilinear
     assert predictor.contract.source_antialias is False
-    assert predictor.tta_hflip is True  # the image and its mirror by default; `--no-tta` runs one pass
+    assert predictor.tta_hflip is True  # each view and its mirror by default; `--no-tta` runs one pass
+    assert predictor.tta_views == [(8.0, 1.0), (-8.0, 1.0)]  # the image turned +8 and -8 degrees
     assert isinstance(predictor.model, BoneAgeEnsemble) and description["model"]["members"] == 3
     assert [m["seed"] for m in description["training"]["members"]] == [42, 43, 44]
     correction = description["output"]["correction"]  # half-way against the pull towards the mean, fit on val
@@ -83,7 +85,7 @@ def test_default_model_onnx_matches_the_recording_and_its_checksum(tmp_path):
     contract = TorchPredictor.load().contract
     batch = normalize(resize(image, contract.image_size, "squash"), contract)[None].repeat(2, 1, 1, 1).numpy()
     onnx = OnnxPredictor(folder)
-    assert onnx.tta_hflip is True  # the folder's default holds on onnxruntime too
+    assert onnx.tta_hflip is True and onnx.tta_views == [(8.0, 1.0), (-8.0, 1.0)]  # the same default on onnxruntime
     result = onnx.predict_batch(batch, np.array([0, 1]))
     assert result["months"].tolist() == pytest.approx(RECORDED_MONTHS, abs=0.05)
     film = tmp_path / "film.png"  # a full-size film: NumPy preprocessing, the contract's source filter

@@ -9,7 +9,13 @@ from boneage.config import DataConfig, ModelConfig
 from boneage.model import BoneAgeNet, load_model_folder, save_model_folder
 from boneage.model_folder import correct_months
 from boneage.predict import predict_paths
-from boneage.uncertainty import calibrate_interval, conformal_half_width, fit_stretch_correction, store_interval
+from boneage.uncertainty import (
+    _scored_halves,
+    calibrate_interval,
+    conformal_half_width,
+    fit_stretch_correction,
+    store_interval,
+)
 from tests.helpers import write_rsna_folder
 
 
@@ -41,6 +47,47 @@ def test_calibration_reaches_nominal_coverage_on_the_other_half(tmp_path):
     by_stage = interval["evaluation"]["coverage_by_reference_stage"]
     assert sum(part["n"] for part in by_stage.values()) == interval["evaluation"]["n"]
     assert all(0.8 <= part["coverage"] <= 1.0 for part in by_stage.values())  # errors here do not depend on age
+
+
+def test_variants_widen_the_interval_and_keep_each_copy_in_its_images_half(tmp_path, capsys):
+    """Copies of the images read worse (as tightly framed films are): calibrated with them, the interval holds for
+    both; a copy never lands in the other half from its image, and ids the main file lacks are left out."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    ids = [str(i) for i in range(n)]
+    truth = rng.uniform(1, 228, n).round()
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"id": ids, "boneage": truth, "male": rng.random(n) < 0.5}).to_csv(labels, index=False)
+    preds, copies = tmp_path / "preds.csv", tmp_path / "copies.csv"
+    pd.DataFrame({"id": ids, "bone_age_months": truth + rng.normal(0, 10, n), "status": "ok"}).to_csv(
+        preds, index=False
+    )
+    status = np.where(np.arange(n) < 100, "not assessable", "ok")  # refused copies are not scored
+    copy = pd.DataFrame({"id": ids, "bone_age_months": truth + rng.normal(0, 14, n), "status": status})
+    pd.concat([copy, pd.DataFrame({"id": ["x"], "bone_age_months": [5.0], "status": ["ok"]})]).to_csv(
+        copies, index=False
+    )
+    alone = calibrate_interval(preds, labels)
+    both = calibrate_interval(preds, labels, variants=[copies])
+    assert both["calibration"]["n"] == alone["calibration"]["n"]  # the images' halves do not change
+    fit, held = both["calibration"]["variants"][str(copies)], both["evaluation"]["variants"][str(copies)]
+    joined, halves = _scored_halves(preds, labels, 0)
+    calibration_ids = set(joined["id"][halves == "train"])
+    accepted = set(copy["id"][copy["status"] == "ok"])
+    assert fit["n"] == len(accepted & calibration_ids)  # each copy in its image's half, never the other
+    assert held["n"] == len(accepted - calibration_ids) and fit["left_out"] == 1  # "x": no such image scored
+    # one quantile over sigma 10 and sigma 14: between the two normal 90% half-widths
+    assert 16.45 + 1 < both["half_width_months"] < 1.645 * 14 - 1
+    assert both["evaluation"]["coverage"] > alone["evaluation"]["coverage"] + 0.02
+    assert 0.84 <= held["coverage"] <= 0.9  # closer to 90% for the copies than the images' own interval gets
+    argv = ["calibrate", "--predictions", str(preds), "--labels", str(labels), "--variant", str(copies)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{copies}: {fit['n']} copies calibrated with them; coverage {held['coverage']:.1%}" in printed
+    assert "(1 copies of images not scored here left out)" in printed
+    pd.DataFrame({"id": ["y"], "bone_age_months": [5.0], "status": ["ok"]}).to_csv(copies, index=False)
+    with pytest.raises(ValueError, match=r"copies.csv: no accepted copy of an image scored in .*preds.csv"):
+        calibrate_interval(preds, labels, variants=[copies])
 
 
 def test_stored_interval_reaches_the_prediction_csv(tmp_path):

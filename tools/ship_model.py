@@ -1,6 +1,7 @@
 """Copy a trained run's model folder into the package as the default model, with its validation metrics.
 
-    python tools/ship_model.py RUN_DIR [RUN_DIR ...] [--name NAME] [--dtype float16] [--tta] [--correct]
+    python tools/ship_model.py RUN_DIR [RUN_DIR ...] [--name NAME] [--dtype float16] [--tta] [--tta-rotations DEG]
+        [--correct]
 
 With several run folders (one architecture and data contract), the shipped model is their ensemble: one folder
 whose output is the members' mean (``boneage.model.combine_model_folders``).
@@ -12,7 +13,8 @@ intercept``) is fit on the model's predictions for its own training images (neve
 both backends apply it. The refusal check and the checks for inverted and turned images (``boneage.presentation``)
 are fit and measured as in ``tools/fit_presentation.py``. With ``--tta``, the model predicts the average of each image
 and its mirror by default (``output.tta_hflip``), and every metric, the correction and the interval are measured that
-way. The folder gets ``model.onnx`` (``boneage export --attach``) last.
+way; ``--tta-rotations 8`` reads the image turned by +8 and -8 degrees instead of as it is (``output.tta_views``).
+The folder gets ``model.onnx`` (``boneage export --attach``) last.
 
 Val is the split the best epoch was selected on: these are selection metrics, not a test
 result (the seed's holdout, withheld from this project, scores the shipped model independently).
@@ -134,6 +136,13 @@ def main() -> None:
     parser.add_argument("--correct", action="store_true", help="fit and store a per-sex linear output correction")
     parser.add_argument("--tta", action="store_true", help="predict the mean of each image and its mirror by default")
     parser.add_argument(
+        "--tta-rotations",
+        type=float,
+        metavar="DEG",
+        help="predict the mean of the image turned by +DEG and -DEG degrees (each with its mirror with --tta; "
+        "0: the image as it is)",
+    )
+    parser.add_argument(
         "--source-antialias",
         choices=("true", "false"),
         help="set the folder's data_contract.source_antialias (the filter of a full-size film's resize to the source "
@@ -151,7 +160,12 @@ def main() -> None:
             model, description = combine_model_folders([run / "model" for run in args.run_dirs], source)
         else:
             model, description = load_model_folder(source)
-        fp32 = headline(_score(source, tmp, "fp32", tta=args.tta))
+        views = {"tta_views": [[args.tta_rotations, 1.0], [-args.tta_rotations, 1.0]]} if args.tta_rotations else {}
+        scored = source
+        if views:  # the fp32 weights read with the same views
+            scored = Path(shutil.copytree(source, tmp / "fp32_views"))
+            _update(scored, "output", **views)
+        fp32 = headline(_score(scored, tmp, "fp32", tta=args.tta or None))
         staged = tmp / "staged"
         contract = contract_from_description(description)
         if args.source_antialias is not None:
@@ -164,8 +178,8 @@ def main() -> None:
             metrics=description["metrics"],
             dtype=getattr(torch, args.dtype),
         )
-        if args.tta:
-            _update(staged, "output", tta_hflip=True)
+        if args.tta or views:
+            _update(staged, "output", **({"tta_hflip": True} if args.tta else {}), **views)
         correction = None
         uncorrected = None
         if args.correct:
@@ -207,6 +221,7 @@ def main() -> None:
             building,
             "output",
             **({"tta_hflip": True} if args.tta else {}),
+            **views,
             **({"correction": correction} if correction else {}),
         )
         # a 90% interval: calibrated on one half of val, coverage measured on the other half

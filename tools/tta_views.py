@@ -31,7 +31,7 @@ from boneage.dataset import load_resized, normalize_batch
 from boneage.evaluate import evaluate
 from boneage.labels import make_split
 from boneage.metrics import headline
-from boneage.model_folder import default_model_dir
+from boneage.model_folder import PLAIN_VIEW, default_model_dir
 
 # (mirror, rotation in degrees, zoom): zoom > 1 enlarges the hand (crops the edges), < 1 shrinks it onto black
 VIEWS = [
@@ -67,7 +67,7 @@ def apply_view(images: torch.Tensor, flip: bool, angle: float, zoom: float) -> t
 
 def predict_views(predictor: OnnxPredictor, table: pd.DataFrame, paths: list[Path], batch: int = 64) -> np.ndarray:
     """(views, images) bone ages, one row per view in ``VIEWS``."""
-    predictor.tta_hflip = False
+    predictor.tta_hflip, predictor.tta_views = False, [PLAIN_VIEW]  # one pass per view, whatever the folder says
     images = torch.stack([load_resized(path, predictor.contract) for path in paths])
     male = table["male"].astype(bool).to_numpy().astype(np.int64)
     out = np.zeros((len(VIEWS), len(table)), np.float32)

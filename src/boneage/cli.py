@@ -179,7 +179,8 @@ def _add_predict(commands: _Commands) -> None:
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="average with the mirrored image (twice the compute); default: as the model folder says",
+        help="average with the mirrored image and the folder's other test-time views (--no-tta: one pass of the "
+        "image as it is); default: as the model folder says",
     )
     predict.add_argument(
         "--metadata",
@@ -816,6 +817,14 @@ def _add_calibrate(commands: _Commands) -> None:
         "(1: the full inverse of prediction ~ a + b * reference), stored as output.correction with --model; the "
         "interval is then calibrated around the corrected predictions. Fit on predictions made without a correction",
     )
+    calibrate.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="PREDICTIONS",
+        help="boneage predict CSV for altered copies of the same images (same ids; e.g. cropped tightly to the hand "
+        "as a clinic frames a film): calibrated together with them, each copy in its image's half (repeatable)",
+    )
     calibrate.set_defaults(func=_run_calibrate)
 
 
@@ -841,7 +850,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             f"stage {stages} (uncorrected {before})"
         )
     interval = calibrate_interval(
-        predictions=args.predictions, labels=args.labels, coverage=args.coverage, seed=args.seed, correction=correction
+        predictions=args.predictions,
+        labels=args.labels,
+        coverage=args.coverage,
+        seed=args.seed,
+        correction=correction,
+        variants=args.variant,
     )
     held = interval["evaluation"]
     print(
@@ -851,6 +865,13 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     )
     by_stage = held["coverage_by_reference_stage"]
     print("  by reference stage: " + ", ".join(f"{k} {v['coverage']:.1%} (n={v['n']})" for k, v in by_stage.items()))
+    for name, copies in held.get("variants", {}).items():
+        fit = interval["calibration"]["variants"][name]
+        covered = f"{copies['coverage']:.1%}" if copies["coverage"] is not None else "-"
+        print(
+            f"  {name}: {fit['n']} copies calibrated with them; coverage {covered} of the other {copies['n']} "
+            f"({fit['left_out']} copies of images not scored here left out)"
+        )
     if args.model:
         if correction is not None:
             store_correction(args.model, correction)

@@ -115,9 +115,9 @@ def gradcam_grid(
 ) -> Path:
     """A figure with one row per image: the radiograph, its Grad-CAM heatmap and the overlay.
 
-    ``answers``: what the tool answered for each image (``boneage predict``'s bone age, after the mirror average and
-    the correction, or why it refused), shown over the overlay; without it the title shows the network's own one-pass
-    output, labelled as such.
+    ``answers``: what the tool answered for each image (``boneage predict``'s bone age, after the average over the
+    folder's test-time views and the correction, or why it refused), shown over the overlay; without it the title
+    shows the network's own one-pass output, labelled as such.
     """
     plt = pyplot()
     raw = torch.stack([load_resized(p, contract) for p in paths])  # (B, 1, S, S) in [0, 1]

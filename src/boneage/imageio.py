@@ -307,6 +307,49 @@ def resize_plain(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _view_axis(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sample positions in [-1, 1] (pixel-centre convention, PyTorch's ``align_corners=False``) -> the two neighbouring
+    pixel indices (clipped), the weight of the upper one, and whether each neighbour lies inside the image."""
+    position = ((coords + 1.0) * size - 1.0) / 2.0
+    low = np.floor(position)
+    weight = (position - low).astype(np.float32)
+    low_i, high_i = low.astype(np.int64), low.astype(np.int64) + 1
+    inside_low, inside_high = (low_i >= 0) & (low_i < size), (high_i >= 0) & (high_i < size)
+    return np.clip(low_i, 0, size - 1), np.clip(high_i, 0, size - 1), weight, inside_low, inside_high
+
+
+def view_batch(images: np.ndarray, angle_degrees: float, zoom: float, standardize: bool) -> np.ndarray:
+    """(B, C, S, S) model inputs -> the same images rotated by ``angle_degrees`` and zoomed by ``zoom`` about their
+    centre (zoom > 1 enlarges, cropping the edges; < 1 shrinks), for test-time views.
+
+    Bilinear, as the training augmentation resamples (PyTorch's ``affine_grid`` + ``grid_sample``, ``align_corners=
+    False``, to within 1e-4), with each image's darkest value outside: the black a [0, 1] image is padded with in
+    training, wherever the image reaches black. With a standardising contract each view is standardised again, as
+    an image is standardised after its augmentation in training."""
+    if angle_degrees == 0.0 and zoom == 1.0:
+        return images
+    size_y, size_x = images.shape[-2:]
+    turn = np.deg2rad(angle_degrees)
+    cos, sin = np.cos(turn) / zoom, np.sin(turn) / zoom
+    out_x = (2.0 * np.arange(size_x) + 1.0) / size_x - 1.0
+    out_y = (2.0 * np.arange(size_y) + 1.0) / size_y - 1.0
+    grid_x, grid_y = np.meshgrid(out_x, out_y)
+    x0, x1, wx, in_x0, in_x1 = _view_axis(cos * grid_x - sin * grid_y, size_x)
+    y0, y1, wy, in_y0, in_y1 = _view_axis(sin * grid_x + cos * grid_y, size_y)
+    fill = images.min(axis=(-2, -1), keepdims=True)
+    shifted = images - fill
+    out = np.zeros_like(images, dtype=np.float32)
+    for ys, yw, y_in in ((y0, 1.0 - wy, in_y0), (y1, wy, in_y1)):
+        for xs, xw, x_in in ((x0, 1.0 - wx, in_x0), (x1, wx, in_x1)):
+            out += shifted[..., ys, xs] * (yw * xw * (y_in & x_in))
+    out += fill
+    if standardize:
+        mean = out.mean(axis=(1, 2, 3), keepdims=True)
+        std = np.maximum(out.std(axis=(1, 2, 3), keepdims=True), STANDARDIZE_EPS)
+        out = (out - mean) / std
+    return out.astype(np.float32)
+
+
 def _fit_long_side(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape
     scale = size / max(height, width)

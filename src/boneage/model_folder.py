@@ -26,6 +26,7 @@ ASSESSABILITY_FILE = "assessability.safetensors"
 METADATA_KEY = "boneage.config"  # an exported .onnx file's copy of config.json, in its metadata
 FORMAT_NAME = "boneage-model"
 FORMAT_VERSION = 1  # config.json's layout; a folder of a newer format is refused, not misread
+PLAIN_VIEW = (0.0, 1.0)  # a test-time view (rotation in degrees, zoom): the image as it is
 
 
 def default_model_dir() -> Path:
@@ -107,6 +108,46 @@ def tta_default(description: dict[str, Any], source: str | Path = "config.json")
     if not isinstance(value, bool):
         raise ModelLoadError(f"{source}: output.tta_hflip: expected true or false, got {value!r}")
     return value
+
+
+def tta_views(description: dict[str, Any], source: str | Path = "config.json") -> list[tuple[float, float]]:
+    """The test-time views the model folder averages (``output.tta_views``: ``[[degrees, zoom], ...]``, each view
+    the image rotated and zoomed about its centre, :func:`boneage.imageio.view_batch`; each with its mirror too when
+    ``output.tta_hflip``); a folder without the field reads the image as it is."""
+    value = description.get("output", {}).get("tta_views")
+    if value is None:
+        return [PLAIN_VIEW]
+    expected = "expected a non-empty list of [degrees, zoom] pairs (|degrees| <= 45, zoom 0.5-2)"
+    if not isinstance(value, list) or not value:
+        raise ModelLoadError(f"{source}: output.tta_views: {expected}, got {value!r}")
+    views = []
+    for view in value:
+        if (
+            not isinstance(view, list)
+            or len(view) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in view)
+            or not (abs(view[0]) <= 45 and 0.5 <= view[1] <= 2)
+        ):
+            raise ModelLoadError(f"{source}: output.tta_views: {expected}, got {view!r}")
+        views.append((float(view[0]), float(view[1])))
+    return views
+
+
+def tta_text(views: list[tuple[float, float]], hflip: bool) -> str:
+    """How a prediction is averaged over test-time views, in words ("" for one pass of the image as it is)."""
+    views = [(float(view[0]), float(view[1])) for view in views]
+
+    def name(view: tuple[float, float]) -> str:
+        turned = f"turned {view[0]:+g}\u00b0" if view[0] else ""
+        zoomed = f"zoomed {view[1]:g}x" if view[1] != 1 else ""
+        return " and ".join(part for part in (turned, zoomed) if part) or "the image"
+
+    if views == [PLAIN_VIEW]:
+        return "averaged with the mirrored image" if hflip else ""
+    if len(views) == 1 and not hflip:
+        return f"read {name(views[0])}"
+    passes = len(views) * (2 if hflip else 1)
+    return f"the mean of {passes} views: " + ", ".join(map(name, views)) + (", each with its mirror" if hflip else "")
 
 
 def presentation_checks(description: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from typing import Any
 from boneage.backends.base import PREDICT_BATCH_SIZE, Predictor, importable
 from boneage.errors import ModelLoadError
 from boneage.inputs import collect_images, image_id, resolve_ages, resolve_readings, resolve_sexes
-from boneage.model_folder import ONNX_FILE, default_model_dir
+from boneage.model_folder import ONNX_FILE, PLAIN_VIEW, default_model_dir
 from boneage.rows import PREDICTION_COLUMNS, add_note, add_reading, finished_rows
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ def predict_paths(
             ``chronological_age`` for the ids it lists.
         sex: ``M`` or ``F`` for every image without metadata; DICOM files without either use PatientSex.
         backend: ``auto`` (see :func:`load_predictor`), ``torch`` or ``onnx``.
-        tta: average each prediction with that of the mirrored image; None: the model folder's default
-            (``output.tta_hflip`` in its config.json).
+        tta: average each prediction with that of the mirrored image (and over the folder's other test-time
+            views, ``output.tta_views``); False: one pass of the image as it is; None: the model folder's default
+            (``output.tta_hflip`` and ``output.tta_views`` in its config.json).
         chronological_age: months, for every image without ``chronological_age_months`` in the metadata; DICOM
             files without either use PatientAge or the birth and study dates. Adds BA - CA, SDS and the call.
         gradcam_dir: write ``<id>_gradcam.png`` (the radiograph beside its Grad-CAM overlay) here for every
@@ -123,6 +124,8 @@ def predict_paths(
     predictor = load_predictor(model_dir, backend)
     if tta is not None:
         predictor.tta_hflip = tta
+        if not tta:
+            predictor.tta_views = [PLAIN_VIEW]
     output.parent.mkdir(parents=True, exist_ok=True)
     as_json = output.suffix.lower() == ".json"
     # rows are streamed as they finish (CSV, or JSON Lines beside a .json output) so a stopped batch keeps them

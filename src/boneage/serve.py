@@ -34,7 +34,7 @@ from boneage import __version__
 from boneage.clinical import REFERENCE, SDS_LIMIT, parse_chronological_age, reference_band
 from boneage.imageio import ImageReadError, dicom_patient_info, parse_sex
 from boneage.inputs import header_age
-from boneage.model_folder import model_name
+from boneage.model_folder import model_name, tta_text
 from boneage.predict import load_predictor, torch_available
 from boneage.render import render_report
 from boneage.rows import PREDICTION_COLUMNS, add_note, add_reading
@@ -203,6 +203,8 @@ class BoneAgeService:
             "backend": self.backend,
             "output_correction": description.get("output", {}).get("correction") is not None,
             "flip_tta": bool(self.predictor.tta_hflip),
+            "tta_views": [list(view) for view in self.predictor.tta_views],
+            "tta": tta_text(self.predictor.tta_views, self.predictor.tta_hflip),
             "val_mae_months": description.get("metrics", {}).get("val", {}).get("mae_months"),
             "interval_coverage": description.get("uncertainty", {}).get("evaluation", {}).get("coverage"),
         }

@@ -35,20 +35,43 @@ def calibrate_interval(
     coverage: float = 0.9,
     seed: int = 0,
     correction: dict[str, Any] | None = None,
+    variants: list[str | Path] | tuple[str | Path, ...] = (),
 ) -> dict[str, Any]:
     """Calibrate on one half of the scored images and measure coverage and width on the other half.
 
     ``correction``: an ``output.correction`` (e.g. :func:`fit_stretch_correction`'s) the model folder will apply to
     its output; the interval is then calibrated around the corrected predictions, as the folder will report them.
+
+    ``variants``: predictions for altered copies of the same images (the same ids; e.g. each cropped tightly to its
+    hand, as a clinic frames a film), so that the interval also holds for films framed or rendered that way. Each
+    copy goes to its image's half: the quantile is taken over the calibration half's images and their copies
+    together, and the coverage on the other half is reported for the images (``evaluation``) and for each variant's
+    copies (``evaluation.variants``). Copies of images not scored here (refused, or absent from ``predictions``) are
+    left out and counted (``calibration.variants``).
     """
     joined, halves = _scored_halves(predictions, labels, seed)
-    predicted = joined["bone_age_months"].to_numpy(dtype=float)
-    if correction is not None:
-        predicted = correct_months(
-            predicted, joined["male"].to_numpy(dtype=bool), {"output": {"correction": correction}}
-        )
-    residual = predicted - joined["boneage"].to_numpy(dtype=float)
-    q = conformal_half_width(residual[halves == "train"], coverage)
+
+    def residuals(rows: Any) -> np.ndarray:
+        predicted = rows["bone_age_months"].to_numpy(dtype=float)
+        if correction is not None:
+            predicted = correct_months(
+                predicted, rows["male"].to_numpy(dtype=bool), {"output": {"correction": correction}}
+            )
+        return predicted - rows["boneage"].to_numpy(dtype=float)
+
+    residual = residuals(joined)
+    half_of = dict(zip(joined["id"], halves))
+    copies, left_out = [], {}
+    for variant in variants:
+        rows = read_predictions(variant)
+        rows = rows[rows["status"] == "ok"].drop(columns=["male"], errors="ignore")
+        left_out[str(variant)] = int((~rows["id"].isin(half_of)).sum())  # copies of images refused or not listed
+        rows = rows[rows["id"].isin(half_of)].merge(joined[["id", "boneage", "male"]], on="id")
+        if rows.empty:
+            raise ValueError(f"{variant}: no accepted copy of an image scored in {predictions} (the ids must match)")
+        copies.append((str(variant), residuals(rows), rows["id"].map(half_of).to_numpy()))
+    calibration = [residual[halves == "train"]] + [r[h == "train"] for _, r, h in copies]
+    q = conformal_half_width(np.concatenate(calibration), coverage)
     held = residual[halves == "val"]
     male = joined["male"].to_numpy(dtype=bool)[halves == "val"]
     covered = np.abs(held) <= q
@@ -66,6 +89,15 @@ def calibrate_interval(
             "source": str(predictions),
             "n": int((halves == "train").sum()),
             **({"around": "the predictions with the folder's output.correction applied"} if correction else {}),
+            **(
+                {
+                    "variants": {
+                        name: {"n": int((h == "train").sum()), "left_out": left_out[name]} for name, _, h in copies
+                    }
+                }
+                if copies
+                else {}
+            ),
         },
         "evaluation": {
             "n": int(len(held)),
@@ -74,6 +106,19 @@ def calibrate_interval(
             "coverage_female": float(covered[~male].mean()),
             "coverage_by_reference_stage": by_stage,
             "mean_width_months": 2 * q,
+            **(
+                {
+                    "variants": {
+                        name: {
+                            "n": int((h == "val").sum()),
+                            "coverage": float((np.abs(r[h == "val"]) <= q).mean()) if (h == "val").any() else None,
+                        }
+                        for name, r, h in copies
+                    }
+                }
+                if copies
+                else {}
+            ),
         },
     }
 

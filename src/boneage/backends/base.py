@@ -12,7 +12,7 @@ import abc
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 
 from boneage.config import DataConfig
 from boneage.errors import ImageReadError
+from boneage.model_folder import PLAIN_VIEW
 from boneage.rows import finish_row, new_row, row_checks
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Predictor(abc.ABC):
         threshold: the refusal score's limit, or None when the model has no refusal check.
         presentation: the inverted/turned checks (:func:`boneage.model_folder.presentation_checks`) or None.
         tta_hflip: average each prediction with that of the mirrored image.
+        tta_views: the (degrees, zoom) views averaged (:func:`boneage.model_folder.tta_views`); ``[(0.0, 1.0)]``
+            reads the image as it is.
     """
 
     model_dir: Path
@@ -62,6 +65,7 @@ class Predictor(abc.ABC):
     threshold: float | None
     presentation: dict[str, Any] | None
     tta_hflip: bool
+    tta_views: list[tuple[float, float]]
 
     @property
     def half_width(self) -> float | None:
@@ -76,6 +80,30 @@ class Predictor(abc.ABC):
         Raises:
             ImageReadError: the file cannot be read as a radiograph.
         """
+
+    def _view_outputs(
+        self,
+        images: Any,
+        plain: Any,
+        run: Callable[[Any], Any],
+        view: Callable[[Any, float, float], Any],
+        mirror: Callable[[Any], Any],
+    ) -> list[Any]:
+        """The outputs to average, one per test-time view (each averaged with its mirror when ``tta_hflip``), on
+        either backend's arrays: ``run`` maps inputs to outputs, ``view(images, degrees, zoom)`` makes a view,
+        ``mirror`` flips inputs left to right, and ``plain`` is the output for the images as they are when it was
+        computed with their refusal score (else None)."""
+        outputs = []
+        for angle, zoom in self.tta_views:
+            if (angle, zoom) == PLAIN_VIEW and plain is not None:
+                inputs, output = images, plain
+            else:
+                inputs = view(images, angle, zoom)
+                output = run(inputs)
+            if self.tta_hflip:
+                output = 0.5 * (output + run(mirror(inputs)))
+            outputs.append(output)
+        return outputs
 
     @abc.abstractmethod
     def predict_batch(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray | None]:

@@ -15,16 +15,18 @@ import numpy as np
 from boneage.backends.base import Predictor, importable
 from boneage.config import contract_from_description
 from boneage.errors import ModelLoadError
-from boneage.imageio import preprocess_array, stage_index
+from boneage.imageio import preprocess_array, stage_index, view_batch
 from boneage.model_folder import (
     CONFIG_FILE,
     METADATA_KEY,
     ONNX_FILE,
+    PLAIN_VIEW,
     correct_months,
     presentation_checks,
     read_model_description,
     sha256_file,
     tta_default,
+    tta_views,
 )
 from boneage.presentation import check as check_presentation
 
@@ -88,7 +90,9 @@ class OnnxPredictor(Predictor):
         info = self.description.get("assessability") or {}
         self.threshold = float(info["threshold"]) if "score" in self.output_names and info else None
         self.presentation = presentation_checks(self.description) if self.threshold is not None else None
-        self.tta_hflip = tta_default(self.description, path)  # average with the mirrored image; callers may override
+        source = path.with_name(CONFIG_FILE) if folder_description else path  # where the description was read
+        self.tta_hflip = tta_default(self.description, source)  # average with the mirrored image; callers may override
+        self.tta_views = tta_views(self.description, source)
 
     def preprocess(self, path: str | Path) -> np.ndarray:
         return preprocess_array(path, self.contract)
@@ -99,7 +103,9 @@ class OnnxPredictor(Predictor):
         return named["output"].astype(np.float32), named.get("score")
 
     def predict_batch(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray | None]:
-        output, score = self._run(images, male)
+        plain, score = None, None  # the images as they are: needed for the refusal score or as a view
+        if self.threshold is not None or PLAIN_VIEW in self.tta_views:
+            plain, score = self._run(images, male)
         checks: dict[str, np.ndarray | None] = {"score": score}
         if self.presentation and score is not None:
             checks.update(
@@ -111,8 +117,15 @@ class OnnxPredictor(Predictor):
                     lambda mask, transform: self._run(np.ascontiguousarray(transform(images[mask])), male[mask])[1],
                 )
             )
-        if self.tta_hflip:
-            output = 0.5 * (output + self._run(images[..., ::-1], male)[0])
+        standardize = bool(self.contract.standardize)
+        outputs = self._view_outputs(
+            images,
+            plain,
+            lambda inputs: self._run(inputs, male)[0],
+            lambda batch, angle, zoom: view_batch(batch, angle, zoom, standardize),
+            lambda inputs: inputs[..., ::-1],
+        )
+        output = np.mean(outputs, axis=0).astype(np.float32)
         if self.task == "regression":
             output = correct_months(output, male, self.description).astype(np.float32)
             return {"months": output, "stage": stage_index(output), **checks}

@@ -13,8 +13,17 @@ from boneage.assessability import Assessability
 from boneage.backends.base import Predictor
 from boneage.config import contract_from_description
 from boneage.dataset import preprocess, stage_tensor
+from boneage.imageio import view_batch
 from boneage.model import BoneAgeEnsemble, BoneAgeNet, load_model_folder
-from boneage.model_folder import CONFIG_FILE, correct_months, default_model_dir, presentation_checks, tta_default
+from boneage.model_folder import (
+    CONFIG_FILE,
+    PLAIN_VIEW,
+    correct_months,
+    default_model_dir,
+    presentation_checks,
+    tta_default,
+    tta_views,
+)
 from boneage.presentation import check as check_presentation
 
 
@@ -33,6 +42,7 @@ class TorchPredictor(Predictor):
         self.presentation = presentation_checks(description) if self.assessability is not None else None
         # average with the mirrored image by default when the folder says so; callers may override
         self.tta_hflip = tta_default(description, Path(model_dir) / CONFIG_FILE)
+        self.tta_views = tta_views(description, Path(model_dir) / CONFIG_FILE)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> TorchPredictor:
@@ -57,8 +67,11 @@ class TorchPredictor(Predictor):
 
     @torch.inference_mode()
     def _predict(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, Any]:
-        output, score = self.forward_with_score(images, male)
-        output = output.float()
+        plain: torch.Tensor | None = None  # the images as they are: needed for the refusal score or as a view
+        score = None
+        if self.assessability is not None or PLAIN_VIEW in self.tta_views:
+            plain, score = self.forward_with_score(images, male)
+            plain = plain.float()
         checks: dict[str, Any] = {"score": score.float().cpu().numpy() if score is not None else None}
         if self.presentation and score is not None:
 
@@ -72,8 +85,16 @@ class TorchPredictor(Predictor):
                     images.float().cpu().numpy(), checks["score"], self.presentation, self.contract, corrected_scores
                 )
             )
-        if self.tta_hflip:
-            output = 0.5 * (output + self.forward(images.flip(-1), male).float())
+
+        def view(batch: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:
+            array = view_batch(batch.float().cpu().numpy(), angle, zoom, bool(self.contract.standardize))
+            return torch.from_numpy(array).to(device=batch.device, dtype=batch.dtype)
+
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            return self.forward(inputs, male).float()
+
+        outputs = self._view_outputs(images, plain, run, view, lambda inputs: inputs.flip(-1))
+        output = torch.stack(outputs).mean(dim=0)
         if self.task == "regression":
             output = correct_months(output, male.to(output.device), self.description).float()
             return {"months": output, "stage": stage_tensor(output), **checks}
