@@ -69,7 +69,6 @@ def test_variants_widen_the_interval_and_keep_each_copy_in_its_images_half(tmp_p
     )
     alone = calibrate_interval(preds, labels)
     both = calibrate_interval(preds, labels, variants=[copies])
-    assert both["calibration"]["n"] == alone["calibration"]["n"]  # the images' halves do not change
     fit, held = both["calibration"]["variants"][str(copies)], both["evaluation"]["variants"][str(copies)]
     joined, halves = _scored_halves(preds, labels, 0)
     calibration_ids = set(joined["id"][halves == "train"])

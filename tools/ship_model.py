@@ -162,6 +162,7 @@ def main() -> None:
             model, description = load_model_folder(source)
         views = {"tta_views": [[args.tta_rotations, 1.0], [-args.tta_rotations, 1.0]]} if args.tta_rotations else {}
         scored = source
+        defaults = {**({"tta_hflip": True} if args.tta else {}), **views}  # how the folder reads by default
         if views:  # the fp32 weights read with the same views
             scored = Path(shutil.copytree(source, tmp / "fp32_views"))
             _update(scored, "output", **views)
@@ -178,8 +179,8 @@ def main() -> None:
             metrics=description["metrics"],
             dtype=getattr(torch, args.dtype),
         )
-        if args.tta or views:
-            _update(staged, "output", **({"tta_hflip": True} if args.tta else {}), **views)
+        if defaults:
+            _update(staged, "output", **defaults)
         correction = None
         uncorrected = None
         if args.correct:
@@ -220,8 +221,7 @@ def main() -> None:
         _update(
             building,
             "output",
-            **({"tta_hflip": True} if args.tta else {}),
-            **views,
+            **defaults,
             **({"correction": correction} if correction else {}),
         )
         # a 90% interval: calibrated on one half of val, coverage measured on the other half

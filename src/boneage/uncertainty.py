@@ -61,16 +61,16 @@ def calibrate_interval(
 
     residual = residuals(joined)
     half_of = dict(zip(joined["id"], halves))
-    copies, left_out = [], {}
+    copies = {}  # variant -> (residuals, halves, copies left out: of images refused or not listed)
     for variant in variants:
         rows = read_predictions(variant)
         rows = rows[rows["status"] == "ok"].drop(columns=["male"], errors="ignore")
-        left_out[str(variant)] = int((~rows["id"].isin(half_of)).sum())  # copies of images refused or not listed
-        rows = rows[rows["id"].isin(half_of)].merge(joined[["id", "boneage", "male"]], on="id")
+        scored = rows["id"].isin(half_of)
+        rows = rows[scored].merge(joined[["id", "boneage", "male"]], on="id")
         if rows.empty:
             raise ValueError(f"{variant}: no accepted copy of an image scored in {predictions} (the ids must match)")
-        copies.append((str(variant), residuals(rows), rows["id"].map(half_of).to_numpy()))
-    calibration = [residual[halves == "train"]] + [r[h == "train"] for _, r, h in copies]
+        copies[str(variant)] = (residuals(rows), rows["id"].map(half_of).to_numpy(), int((~scored).sum()))
+    calibration = [residual[halves == "train"]] + [r[h == "train"] for r, h, _ in copies.values()]
     q = conformal_half_width(np.concatenate(calibration), coverage)
     held = residual[halves == "val"]
     male = joined["male"].to_numpy(dtype=bool)[halves == "val"]
@@ -81,7 +81,7 @@ def calibrate_interval(
         for i, name in enumerate(STAGE_NAMES)
         if (stage == i).any()
     }
-    return {
+    interval = {
         "method": "split conformal on absolute residuals; interval = prediction +/- half_width_months",
         "coverage_nominal": coverage,
         "half_width_months": q,
@@ -89,15 +89,6 @@ def calibrate_interval(
             "source": str(predictions),
             "n": int((halves == "train").sum()),
             **({"around": "the predictions with the folder's output.correction applied"} if correction else {}),
-            **(
-                {
-                    "variants": {
-                        name: {"n": int((h == "train").sum()), "left_out": left_out[name]} for name, _, h in copies
-                    }
-                }
-                if copies
-                else {}
-            ),
         },
         "evaluation": {
             "n": int(len(held)),
@@ -106,21 +97,20 @@ def calibrate_interval(
             "coverage_female": float(covered[~male].mean()),
             "coverage_by_reference_stage": by_stage,
             "mean_width_months": 2 * q,
-            **(
-                {
-                    "variants": {
-                        name: {
-                            "n": int((h == "val").sum()),
-                            "coverage": float((np.abs(r[h == "val"]) <= q).mean()) if (h == "val").any() else None,
-                        }
-                        for name, r, h in copies
-                    }
-                }
-                if copies
-                else {}
-            ),
         },
     }
+    if copies:
+        interval["calibration"]["variants"] = {
+            name: {"n": int((h == "train").sum()), "left_out": left} for name, (_, h, left) in copies.items()
+        }
+        interval["evaluation"]["variants"] = {
+            name: {
+                "n": int((h == "val").sum()),
+                "coverage": float((np.abs(r[h == "val"]) <= q).mean()) if (h == "val").any() else None,
+            }
+            for name, (r, h, _) in copies.items()
+        }
+    return interval
 
 
 def store_interval(model_dir: str | Path, interval: dict[str, Any]) -> None:

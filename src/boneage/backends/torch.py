@@ -73,6 +73,7 @@ class TorchPredictor(Predictor):
             plain, score = self.forward_with_score(images, male)
             plain = plain.float()
         checks: dict[str, Any] = {"score": score.float().cpu().numpy() if score is not None else None}
+        array = images.float().cpu().numpy()  # (B, C, S, S): the presentation checks and the views resample it
         if self.presentation and score is not None:
 
             def corrected_scores(mask: np.ndarray, transform: Any) -> np.ndarray:
@@ -81,14 +82,12 @@ class TorchPredictor(Predictor):
                 return scored.float().cpu().numpy()  # type: ignore[union-attr]
 
             checks.update(
-                check_presentation(
-                    images.float().cpu().numpy(), checks["score"], self.presentation, self.contract, corrected_scores
-                )
+                check_presentation(array, checks["score"], self.presentation, self.contract, corrected_scores)
             )
 
-        def view(batch: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:
-            array = view_batch(batch.float().cpu().numpy(), angle, zoom, bool(self.contract.standardize))
-            return torch.from_numpy(array).to(device=batch.device, dtype=batch.dtype)
+        def view(batch: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:  # batch: the images themselves
+            turned = view_batch(array, angle, zoom, bool(self.contract.standardize))
+            return torch.from_numpy(turned).to(device=batch.device, dtype=batch.dtype)
 
         def run(inputs: torch.Tensor) -> torch.Tensor:
             return self.forward(inputs, male).float()
